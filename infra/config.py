@@ -1,0 +1,95 @@
+"""One settings model for all of LoRAFleet: env vars `LORAFLEET_*`, an optional YAML file, defaults."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from lorafleet.infra.errors import ConfigError
+
+CONFIG_FILE_ENV = "LORAFLEET_CONFIG"
+
+
+class Settings(BaseSettings):
+    """Every tunable of LoRAFleet. Env var = `LORAFLEET_` + field name upper-cased.
+
+    Precedence: keyword overrides > env vars > YAML file (`LORAFLEET_CONFIG` or `--config`) > defaults.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="LORAFLEET_", extra="forbid", validate_default=True)
+
+
+    # infra
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = Field(default="lorafleet", pattern=r"^[A-Za-z0-9._:-]{1,64}$")
+    store_url: str = "./.lorafleet/store"
+    s3_endpoint_url: str | None = None
+    hot_cache_max_bytes: int = Field(default=512 * 2**20, ge=0)
+    # adapters
+    max_rank: int = Field(default=128, ge=1, le=4096)
+    max_adapter_bytes: int = Field(default=1 * 2**30, ge=1)
+    # model / engine
+    model_dir: str = "./.lorafleet/models/tiny"
+    base_model_name: str = "base"
+    max_adapters: int = Field(default=64, ge=1)
+    max_num_seqs: int = Field(default=64, ge=1)
+    max_batched_tokens: int = Field(default=2048, ge=1)
+    kv_cache_bytes: int = Field(default=256 * 2**20, ge=1)
+    kv_block_size: int = Field(default=16, ge=1)
+    dtype: str = Field(default="float32", pattern=r"^(float32|float16|bfloat16)$")
+    # serving
+    num_replicas: int = Field(default=2, ge=1)
+    routing_policy: str = Field(default="rank-aware", pattern=r"^(rank-aware|random|affinity)$")
+    rebalance_period_s: float = Field(default=30.0, gt=0)
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8000, ge=1, le=65535)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build Settings from env + optional YAML; raises ConfigError naming the bad field or file."""
+    from pydantic import ValidationError
+
+    path = Path(config_file) if config_file else None
+    if path is None and os.environ.get(CONFIG_FILE_ENV):
+        path = Path(os.environ[CONFIG_FILE_ENV])
+    file_values: dict[str, Any] = {}
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of setting names to values")
+        file_values = loaded
+    try:
+        # YAML values rank below env vars: pass only keys that no env var sets.
+        env_keys = {k[len("LORAFLEET_"):].lower() for k in os.environ if k.startswith("LORAFLEET_")}
+        merged = {k: v for k, v in file_values.items() if k not in env_keys}
+        merged.update(overrides)
+        return Settings(**merged)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "settings"
+        where = f"{path}: " if path else ""
+        raise ConfigError(f"{where}setting '{field}': {err['msg']}") from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings, loaded once."""
+    return load_settings()

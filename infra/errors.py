@@ -1,0 +1,65 @@
+"""Error types of LoRAFleet; mapped to HTTP codes and CLI exit codes in one place each."""
+
+from __future__ import annotations
+
+
+class LoRAFleetError(Exception):
+    """Base of every error LoRAFleet raises on purpose. `http_status` is what the router answers."""
+
+    http_status = 500
+    code = "internal_error"
+
+
+class ConfigError(LoRAFleetError):
+    """A setting, env var or config file is invalid."""
+
+    http_status = 500
+    code = "config_error"
+
+
+class InvalidAdapter(LoRAFleetError):
+    """An adapter directory, file or field is invalid; the message names the file and field."""
+
+    http_status = 400
+    code = "invalid_adapter"
+
+
+class InvalidAdapterId(InvalidAdapter):
+    """An adapter id does not match `[A-Za-z0-9._-]{1,128}` or contains path parts."""
+
+    code = "invalid_adapter_id"
+
+
+class AdapterTooLarge(InvalidAdapter):
+    """An adapter file or upload exceeds the configured byte limit."""
+
+    http_status = 413
+    code = "adapter_too_large"
+
+
+class AdapterNotFound(LoRAFleetError):
+    """No adapter with this id (or version) is registered."""
+
+    http_status = 404
+    code = "adapter_not_found"
+
+
+class InvalidModel(LoRAFleetError):
+    """A base model directory is missing files or has an unsupported config."""
+
+    http_status = 500
+    code = "invalid_model"
+
+
+class StoreUnavailable(LoRAFleetError):
+    """Redis or the object store cannot be reached."""
+
+    http_status = 503
+    code = "store_unavailable"
+
+
+class Overloaded(LoRAFleetError):
+    """Queues are full; the client should retry later."""
+
+    http_status = 429
+    code = "overloaded"
