@@ -53,7 +53,7 @@ def make_adapter(
                 tensors[f"{prefix}.lora_B.weight"] = torch.randn(d_out, rank, generator=gen) * std_b
             elif adapter_type == "ia3":
                 shape = (1, d_in) if name in feedforward else (d_out, 1)
-                tensors[f"{prefix}.ia3_l.weight"] = 1.0 + EFFECT_SIZE * torch.randn(*shape, generator=gen)
+                tensors[f"{prefix}.ia3_l"] = 1.0 + EFFECT_SIZE * torch.randn(*shape, generator=gen)
             else:
                 # Mask M = out^T in with entries 1 + O(EFFECT_SIZE): rank-1 term of ones plus small noise rows.
                 in_rows = torch.randn(rank, d_in, generator=gen) * math.sqrt(EFFECT_SIZE / rank)

@@ -33,7 +33,8 @@ DEFAULT_MAX_RANK = 128
 DEFAULT_MAX_BYTES = 1 << 30
 PEFT_TYPES = ("LORA", "IA3", "FLORA")
 _KEY = re.compile(
-    r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(lora_A|lora_B|ia3_l|flora_A|flora_B)\.weight"
+    # PEFT names LoRA tensors `<module>.lora_A.weight` but IA3 vectors plain `<module>.ia3_l`.
+    r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(?:(lora_A|lora_B|flora_A|flora_B)\.weight|(ia3_l))"
 )
 _PARAMS = {"LORA": ("lora_A", "lora_B"), "IA3": ("ia3_l",), "FLORA": ("flora_B", "flora_A")}
 
@@ -165,7 +166,7 @@ def _group_tensors(
         match = _KEY.fullmatch(key)
         if match is None:
             raise InvalidAdapter(f"{src}: tensor '{key}': unknown module (expected {_KEY.pattern})")
-        layer, block, name, param = int(match[1]), match[2], match[3], match[4]
+        layer, block, name, param = int(match[1]), match[2], match[3], match[4] or match[5]
         if TARGET_MODULES.get(name) != block:
             raise InvalidAdapter(f"{src}: tensor '{key}': unknown target module '{block}.{name}'")
         if layer >= base.num_layers:
