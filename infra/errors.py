@@ -63,3 +63,24 @@ class Overloaded(LoRAFleetError):
 
     http_status = 429
     code = "overloaded"
+
+
+class InvalidPlacement(LoRAFleetError):
+    """A routing table, operating points file, workload or placement argument is invalid."""
+
+    http_status = 400
+    code = "invalid_placement"
+
+
+class PlacementInfeasible(LoRAFleetError):
+    """No placement satisfies the constraints (e.g. an adapter larger than every replica's adapter memory)."""
+
+    http_status = 503
+    code = "placement_infeasible"
+
+
+class PlacementConflict(LoRAFleetError):
+    """Another publisher changed the routing table since it was read (compare-and-set failed)."""
+
+    http_status = 409
+    code = "placement_conflict"
