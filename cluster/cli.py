@@ -32,12 +32,7 @@ EXIT_BAD_INPUT = 2
 
 def _register_all() -> None:
     for name in COMMAND_MODULES:
-        try:
-            module = import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # area not built yet
-                continue
-            raise
+        module = import_module(name)
         register: Callable[[typer.Typer], None] = module.register
         register(app)
 
@@ -48,7 +43,10 @@ _register_all()
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: LoRAFleet errors and bad input become one line on stderr and exit code 2."""
     try:
-        app(args=argv, standalone_mode=False)
+        # Without standalone mode click returns a command's typer.Exit code instead of exiting.
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:

@@ -84,3 +84,24 @@ class PlacementConflict(LoRAFleetError):
 
     http_status = 409
     code = "placement_conflict"
+
+
+class AdapterCorrupt(LoRAFleetError):
+    """A stored blob of an adapter is missing or does not match its sha256 (checked on every fetch)."""
+
+    http_status = 502
+    code = "adapter_corrupt"
+
+
+class VersionConflict(LoRAFleetError):
+    """A concurrent push of the same adapter id registered a newer version first; this push was not made current."""
+
+    http_status = 409
+    code = "version_conflict"
+
+
+class ObjectNotFound(LoRAFleetError):
+    """An object store key (blob or manifest) does not exist."""
+
+    http_status = 404
+    code = "object_not_found"

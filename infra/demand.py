@@ -1,0 +1,90 @@
+"""Per-adapter demand counters in Redis: tokens and requests per time bucket, read back over a window.
+
+Keys: `{prefix}:demand:tokens:{bucket}` and `{prefix}:demand:requests:{bucket}`, hashes adapter_id → count,
+bucket = floor(unix time / bucket_s); each expires `retention_s + bucket_s` after its last write.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+from lorafleet.infra.errors import InvalidAdapterId, StoreUnavailable
+
+# Same pattern as lorafleet.infra.adapters (not imported: that module pulls in torch, this one is hot-path).
+_ADAPTER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+def redis_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean 'Redis is unreachable or failing', for callers mapping them to StoreUnavailable."""
+    import redis
+
+    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError)
+
+
+def redis_client(url: str, timeout_s: float = 2.0) -> Any:
+    """A redis-py client with short timeouts (a down Redis fails fast instead of hanging a request)."""
+    import redis
+
+    return redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+
+
+class DemandCounters:
+    """Tokens and requests per adapter per time bucket in Redis. Replicas and the store call record()."""
+
+    def __init__(self, redis_client: Any, prefix: str, bucket_s: int = 10, retention_s: int = 3600) -> None:
+        if bucket_s < 1 or retention_s < bucket_s:
+            raise ValueError(f"need bucket_s >= 1 and retention_s >= bucket_s, got {bucket_s}, {retention_s}")
+        self.redis = redis_client
+        self.prefix = prefix
+        self.bucket_s = int(bucket_s)
+        self.retention_s = int(retention_s)
+
+    def _key(self, kind: str, bucket: int) -> str:
+        return f"{self.prefix}:demand:{kind}:{bucket}"
+
+    def record(self, adapter_id: str, num_tokens: int, num_requests: int = 1, now: float | None = None) -> None:
+        """Add `num_tokens` (prompt + generated) and `num_requests` to the bucket holding `now`."""
+        if not isinstance(adapter_id, str) or not _ADAPTER_ID.fullmatch(adapter_id) or adapter_id in (".", ".."):
+            raise InvalidAdapterId(f"invalid adapter id {adapter_id!r}: use 1-128 characters from [A-Za-z0-9._-]")
+        if int(num_tokens) < 0 or int(num_requests) < 0:
+            raise ValueError(f"counts must be >= 0, got tokens={num_tokens}, requests={num_requests}")
+        bucket = int((time.time() if now is None else now) // self.bucket_s)
+        ttl = self.retention_s + self.bucket_s  # relative to the wall clock, so a replayed `now` still lives
+        tokens_key, requests_key = self._key("tokens", bucket), self._key("requests", bucket)
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hincrby(tokens_key, adapter_id, int(num_tokens))
+            pipe.hincrby(requests_key, adapter_id, int(num_requests))
+            pipe.expire(tokens_key, ttl)
+            pipe.expire(requests_key, ttl)
+            pipe.execute()
+        except redis_errors() as exc:
+            raise StoreUnavailable(f"demand counters: Redis unreachable ({exc.__class__.__name__}: {exc})") from None
+
+    def window(self, seconds: float, now: float | None = None) -> dict[str, tuple[int, int]]:
+        """adapter_id → (tokens, requests) summed over whole buckets from the one holding `now` back to
+        `now - seconds` (exclusive). `seconds` is capped at `retention_s`."""
+        if seconds <= 0:
+            return {}
+        now = time.time() if now is None else now
+        seconds = min(seconds, self.retention_s)
+        last = int(now // self.bucket_s)
+        first = int((now - seconds) // self.bucket_s) + 1
+        buckets = range(first, last + 1)
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for bucket in buckets:
+                pipe.hgetall(self._key("tokens", bucket))
+                pipe.hgetall(self._key("requests", bucket))
+            replies = pipe.execute()
+        except redis_errors() as exc:
+            raise StoreUnavailable(f"demand counters: Redis unreachable ({exc.__class__.__name__}: {exc})") from None
+        totals: dict[str, list[int]] = {}
+        for i, reply in enumerate(replies):
+            column = i % 2  # 0 = tokens, 1 = requests
+            for raw_id, raw_count in reply.items():
+                adapter_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
+                totals.setdefault(adapter_id, [0, 0])[column] += int(raw_count)
+        return {a: (t, r) for a, (t, r) in totals.items()}

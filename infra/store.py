@@ -1,0 +1,289 @@
+"""AdapterStore: push (validate → blobs → register → publish), read, list, remove and reindex adapters.
+
+The object store is the source of truth (blobs + one manifest per registered version + tombstones); Redis
+holds the registry, the hot blob cache and the events, and can be rebuilt from the object store (reindex).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lorafleet.infra.errors import (
+    AdapterCorrupt,
+    AdapterTooLarge,
+    InvalidAdapter,
+    InvalidAdapterId,
+    ObjectNotFound,
+    StoreUnavailable,
+)
+from lorafleet.infra.hot_cache import HotCache
+from lorafleet.infra.object_store import ObjectStore, manifest_key, open_object_store
+from lorafleet.infra.redis_conn import connect
+from lorafleet.infra.registry import PurgeRace, Registry
+from lorafleet.infra.version_record import BUNDLE_FILES, VersionRecord, check_adapter_id
+
+if TYPE_CHECKING:
+    from lorafleet.infra.adapter_source import FetchedAdapter
+    from lorafleet.infra.base_spec import BaseModelSpec
+    from lorafleet.infra.config import Settings
+    from lorafleet.infra.store_source import StoreSource
+
+log = logging.getLogger(__name__)
+
+MAX_PUSH_ATTEMPTS = 20
+TOMBSTONE = "tombstone.json"
+_MANIFEST_NAME = re.compile(r"(\d{10})\.json")
+
+
+def manifest_name(version: int) -> str:
+    return f"{version:010d}.json"  # zero-padded: key order is version order
+
+
+def manifest_version(key: str) -> int | None:
+    """The version a manifest key names, None for a tombstone or a foreign file."""
+    match = _MANIFEST_NAME.fullmatch(key.rsplit("/", 1)[-1])
+    return int(match[1]) if match else None
+
+
+def read_verified_blob(
+    objects: ObjectStore, record: VersionRecord, name: str, on_mismatch: Callable[[], None] | None = None,
+) -> bytes:
+    """One file of `record` from the object store, sha256-checked; read twice before declaring it corrupt."""
+    sha, size = record.files[name]
+    where = f"adapter '{record.adapter_id}' version {record.version}: {name} (blob {sha[:12]}…) in {objects.url}"
+    for _ in range(2):  # a second read tells a torn read from a corrupt object
+        try:
+            data = objects.get_blob(sha)
+        except ObjectNotFound:
+            raise AdapterCorrupt(f"{where} is missing; push the adapter again") from None
+        if hashlib.sha256(data).hexdigest() == sha:
+            return data
+        if on_mismatch is not None:
+            on_mismatch()
+    raise AdapterCorrupt(
+        f"{where} is corrupt: {len(data)} bytes with sha256 {hashlib.sha256(data).hexdigest()[:12]}…, "
+        f"expected {size} bytes; push the adapter again"
+    )
+
+
+class AdapterStore:
+    """One store shared by the cluster: object store + Redis registry + Redis hot cache (+ demand counters)."""
+
+    def __init__(
+        self, objects: ObjectStore, redis_client: Any, prefix: str, *,
+        base: BaseModelSpec | str | Path | None = None, hot_cache_max_bytes: int = 512 * 2**20,
+        host_cache_max_bytes: int = 2**30, max_rank: int = 128, max_bytes: int = 2**30,
+    ) -> None:
+        self.objects = objects
+        self.redis = redis_client
+        self.prefix = prefix
+        self.registry = Registry(redis_client, prefix)
+        self.hot = HotCache(redis_client, prefix, hot_cache_max_bytes)
+        self.host_cache_max_bytes = host_cache_max_bytes
+        self.max_rank = max_rank
+        self.max_bytes = max_bytes
+        self._base = base
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, *, base: str | Path | None = None) -> AdapterStore:
+        """The store the settings describe; pushes validate against `base` (default: settings.model_dir)."""
+        from lorafleet.infra.config import get_settings
+
+        s = settings or get_settings()
+        objects = open_object_store(s.store_url, s3_endpoint_url=s.s3_endpoint_url, timeout_s=s.store_timeout_s)
+        return cls(objects, connect(s.redis_url, s.store_timeout_s), s.redis_prefix, base=base or s.model_dir,
+                   hot_cache_max_bytes=s.hot_cache_max_bytes, host_cache_max_bytes=s.host_cache_max_bytes,
+                   max_rank=s.max_rank, max_bytes=s.max_adapter_bytes)
+
+    def base_spec(self) -> BaseModelSpec:
+        from lorafleet.infra.base_spec import BaseModelSpec
+
+        if not isinstance(self._base, BaseModelSpec):
+            if self._base is None:
+                raise InvalidAdapter("no base model to validate against: set LORAFLEET_MODEL_DIR or pass --base")
+            self._base = BaseModelSpec.from_model_dir(self._base)
+        return self._base
+
+    # --- push -----------------------------------------------------------------------------------------
+    def push(
+        self, adapter_id: str, adapter_dir: str | Path | None = None, *, files: Mapping[str, bytes] | None = None,
+        owner: str | None = None,
+    ) -> VersionRecord:
+        """Validate, write blobs, register and publish a new version of adapter_id; returns its record.
+
+        Any failure leaves the previous version current. Concurrent pushes of one id: each gets its own
+        version number; one that finds a newer version already registered fails with VersionConflict.
+        """
+        from lorafleet.infra.adapter_files import read_adapter_dir
+        from lorafleet.infra.adapters import load_adapter_files, validate_adapter_id
+
+        validate_adapter_id(adapter_id)
+        assert (adapter_dir is None) != (files is None), "pass adapter_dir or files"
+        source = str(adapter_dir) if adapter_dir is not None else f"<push {adapter_id}>"
+        if files is None:
+            files = read_adapter_dir(adapter_dir, self.max_bytes)
+        unexpected = sorted(set(files) - set(BUNDLE_FILES))
+        if unexpected:
+            expected = " and ".join(BUNDLE_FILES)
+            raise InvalidAdapter(f"{source}/{unexpected[0]}: unexpected file; an adapter holds {expected}")
+        files = {name: bytes(files[name]) for name in BUNDLE_FILES if name in files}
+        num_bytes = sum(len(data) for data in files.values())
+        if num_bytes > self.max_bytes:
+            raise AdapterTooLarge(f"{source}: {num_bytes} bytes is over the limit of {self.max_bytes} bytes")
+        weights = load_adapter_files(files, self.base_spec(), max_rank=self.max_rank, max_bytes=self.max_bytes,
+                                     source=source)
+        module_ranks: dict[str, int] = {}
+        for (_, name), module in weights.modules.items():
+            module_ranks[name] = max(module_ranks.get(name, 0), module.rank)
+        version = self._allocate_version(adapter_id)
+        created, owner = time.time(), owner or _default_owner()
+        for attempt in range(MAX_PUSH_ATTEMPTS):
+            epoch = self.registry.purge_epoch()  # before the blobs: a purge after this forces a retry
+            blobs = {name: (self.objects.put_blob(data), len(data)) for name, data in files.items()}
+            record = VersionRecord(adapter_id, version, weights.peft_type, weights.max_rank, module_ranks, blobs,
+                                   created, owner)
+            try:
+                self.registry.register(record, epoch)
+                break
+            except PurgeRace as race:
+                log.info("push '%s' v%d: %s; retrying", adapter_id, version, race)
+                time.sleep(min(0.01 * 2**attempt, 0.5))
+        else:
+            raise StoreUnavailable(f"push '{adapter_id}': purges kept deleting its blobs; try again")
+        self._write_manifest(record)
+        return record
+
+    def _allocate_version(self, adapter_id: str) -> int:
+        version = self.registry.allocate_version(adapter_id)
+        if version == 1:  # a fresh counter: Redis may have lost it, so never reuse a number the store holds
+            held = [manifest_version(k) or 0 for k in self.objects.list(manifest_key(adapter_id, ""))]
+            if max(held, default=0) >= 1:
+                version = self.registry.allocate_version(adapter_id, floor=max(held))
+        return version
+
+    def _write_manifest(self, record: VersionRecord) -> None:
+        key = manifest_key(record.adapter_id, manifest_name(record.version))
+        for attempt in range(3):
+            try:
+                self.objects.put(key, record.to_json().encode())
+                return
+            except StoreUnavailable:
+                if attempt == 2:
+                    raise StoreUnavailable(
+                        f"adapter '{record.adapter_id}' version {record.version} is live, but its manifest could "
+                        f"not be written to {self.objects.url}; run `lorafleet adapters reindex` later"
+                    ) from None
+                time.sleep(0.1)
+
+    # --- read -----------------------------------------------------------------------------------------
+    def current(self, adapter_id: str) -> VersionRecord:
+        return self.registry.current(adapter_id)
+
+    def list_current(self) -> list[VersionRecord]:
+        return self.registry.list_current()
+
+    def list_removed(self) -> dict[str, dict]:
+        return self.registry.list_removed()
+
+    def versions(self, adapter_id: str) -> list[VersionRecord]:
+        return self.registry.versions(adapter_id)
+
+    def get(self, adapter_id: str, version: int | None = None) -> FetchedAdapter:
+        """Files of the current (or a given) version straight from the object store, hash-verified."""
+        from lorafleet.infra.adapter_source import FetchedAdapter
+
+        record = self.current(adapter_id) if version is None else self.registry.get_version(adapter_id, version)
+        files = {name: read_verified_blob(self.objects, record, name) for name in BUNDLE_FILES}
+        return FetchedAdapter(adapter_id, str(record.version), files)
+
+    def source(self, host_cache_max_bytes: int | None = None, *, subscribe: bool = True) -> StoreSource:
+        """A replica-side AdapterSource over this store (host LRU → hot cache → object store); close() it.
+
+        subscribe: listen to change events, so host hits skip the registry lookup (False: look up every time).
+        """
+        from lorafleet.infra.store_source import StoreSource
+
+        size = self.host_cache_max_bytes if host_cache_max_bytes is None else host_cache_max_bytes
+        return StoreSource(self, size, subscribe=subscribe)
+
+    def demand(self) -> Any:
+        """Per-adapter demand counters (tokens, requests per window) in the same Redis under the same prefix."""
+        from lorafleet.infra.demand import DemandCounters
+
+        return DemandCounters(self.redis, self.prefix)
+
+    # --- delete / recover -----------------------------------------------------------------------------
+    def remove(self, adapter_id: str, *, purge: bool = False) -> dict:
+        """Soft delete (stop serving; versions and blobs stay), or with purge: forget every version and delete
+        the blobs no other version uses. Returns what was done."""
+        if purge:
+            return self._purge(adapter_id)
+        current = self.registry.current(adapter_id)
+        tomb_key = manifest_key(adapter_id, TOMBSTONE)
+        # Tombstone first: if Redis is lost later, reindex must not bring the adapter back.
+        self.objects.put(tomb_key, json.dumps({"version": current.version, "deleted": time.time()}).encode())
+        try:
+            tomb = self.registry.remove(adapter_id)
+        except StoreUnavailable:
+            with contextlib.suppress(StoreUnavailable):  # not removed: reindex must not think it was
+                self.objects.delete(tomb_key)
+            raise
+        if tomb["version"] != current.version:  # a push landed in between: the tombstone names what was removed
+            self.objects.put(tomb_key, json.dumps(tomb).encode())
+        return {"adapter_id": adapter_id, "removed_version": tomb["version"], "purged": False, "num_blobs_deleted": 0}
+
+    def _purge(self, adapter_id: str) -> dict:
+        self.registry.versions(adapter_id)  # AdapterNotFound before touching the object store
+        manifests = self.objects.list(manifest_key(adapter_id, ""))
+        for key in manifests:  # manifests first: a purge cut short must not be undone by reindex
+            self.objects.delete(key)
+        freed = self.registry.begin_purge(adapter_id)
+        for key in self.objects.list(manifest_key(adapter_id, "")):  # written by a push that raced the purge
+            self.objects.delete(key)
+        for sha in freed:
+            self.objects.delete_blob(sha)
+            try:
+                self.hot.remove(sha)
+            except StoreUnavailable:
+                log.warning("purge '%s': hot cache entry %s not removed (Redis unreachable)", adapter_id, sha[:12])
+        self.registry.end_purge(freed)
+        return {"adapter_id": adapter_id, "removed_version": None, "purged": True, "num_blobs_deleted": len(freed)}
+
+    def reindex(self) -> dict[str, int]:
+        """Rebuild lost registry entries from the object store's manifests (e.g. after Redis lost its data).
+
+        Idempotent; returns how many adapters are live / deleted afterwards and how many versions were read."""
+        by_id: dict[str, dict[str, list[str]]] = {}
+        for key in self.objects.list("manifests/"):
+            _, adapter_id, name = key.split("/", 2)
+            kind = "tombstone" if name == TOMBSTONE else "versions" if manifest_version(key) else None
+            if kind is not None:
+                by_id.setdefault(adapter_id, {"versions": [], "tombstone": []})[kind].append(key)
+        counts = {"live": 0, "deleted": 0, "num_versions": 0}
+        for adapter_id, keys in sorted(by_id.items()):
+            try:
+                check_adapter_id(adapter_id)
+            except InvalidAdapterId:
+                log.warning("reindex: skipping %s (not an adapter id)", manifest_key(adapter_id, ""))
+                continue
+            records = [VersionRecord.from_json(self.objects.get(k)) for k in keys["versions"]]
+            tomb = json.loads(self.objects.get(keys["tombstone"][0])) if keys["tombstone"] else None
+            counts[self.registry.restore(adapter_id, records, tomb)] += 1
+            counts["num_versions"] += len(records)
+        return counts
+
+
+def _default_owner() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"

@@ -1,0 +1,179 @@
+"""RoutingTable: adapter_id → [(replica_rank, probability)], versioned, with a consistent-hash default."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from bisect import bisect_right
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from lorafleet.infra.errors import InvalidPlacement
+
+# Probabilities of one adapter must sum to 1 within this tolerance; they are renormalised on load.
+PROB_TOLERANCE = 1e-6
+
+
+class UniformSource(Protocol):
+    def random(self) -> float: ...
+
+
+def stable_hash64(key: str) -> int:
+    """64-bit hash of `key`, equal in every process (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+
+def jump_hash(key: int, num_buckets: int) -> int:
+    """Jump consistent hash (Lamping & Veach 2014): growing N to N+1 moves only 1/(N+1) of the keys."""
+    bucket, j = -1, 0
+    while j < num_buckets:
+        bucket = j
+        key = (key * 2862933555777941757 + 1) & 0xFFFFFFFFFFFFFFFF
+        j = int((bucket + 1) * (float(1 << 31) / float((key >> 33) + 1)))
+    return bucket
+
+
+def default_replica(adapter_id: str, num_replicas: int) -> int:
+    """Replica for an adapter not in the table: consistent hash of its id."""
+    return jump_hash(stable_hash64(adapter_id), num_replicas)
+
+
+Entry = tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingTable:
+    """Where each adapter's requests go. `entries[a]` = ((replica_rank, probability), ...), sum 1.
+
+    Adapters not in `entries` route to `default_replica(a, num_replicas)`. `meta` carries solver
+    facts (e.g. predicted load per replica) for display; it never affects routing.
+    """
+
+    num_replicas: int
+    entries: Mapping[str, Entry]
+    version: int = 0
+    created_at: float = field(default_factory=time.time)
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    _cumulative: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_replicas, int) or self.num_replicas < 1:
+            raise InvalidPlacement(f"routing table: num_replicas must be an integer >= 1, got {self.num_replicas!r}")
+        if not isinstance(self.version, int) or self.version < 0:
+            raise InvalidPlacement(f"routing table: version must be an integer >= 0, got {self.version!r}")
+        for adapter_id, entry in self.entries.items():
+            _check_entry(adapter_id, entry, self.num_replicas)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, adapter_id: object) -> bool:
+        return adapter_id in self.entries
+
+    def replicas_for(self, adapter_id: str) -> tuple[int, ...]:
+        """Replica ranks that serve `adapter_id` (its consistent-hash default if not in the table)."""
+        entry = self.entries.get(adapter_id)
+        if entry is None:
+            return (default_replica(adapter_id, self.num_replicas),)
+        return tuple(replica for replica, _ in entry)
+
+    def probabilities(self, adapter_id: str) -> dict[int, float]:
+        entry = self.entries.get(adapter_id)
+        if entry is None:
+            return {default_replica(adapter_id, self.num_replicas): 1.0}
+        return dict(entry)
+
+    def sample(self, adapter_id: str, rng: UniformSource | None = None) -> int:
+        """Replica rank for one request of `adapter_id`, drawn with the table's probabilities.
+
+        `rng` is anything with `.random() -> [0, 1)` (random.Random, numpy Generator); None → random module.
+        """
+        entry = self.entries.get(adapter_id)
+        if entry is None:
+            return default_replica(adapter_id, self.num_replicas)
+        if len(entry) == 1:
+            return entry[0][0]
+        cumulative = self._cumulative.get(adapter_id)
+        if cumulative is None:
+            total, cumulative = 0.0, []
+            for _, probability in entry:
+                total += probability
+                cumulative.append(total)
+            self._cumulative[adapter_id] = cumulative
+        u = random.random() if rng is None else rng.random()
+        index = bisect_right(cumulative, u * cumulative[-1])
+        return entry[min(index, len(entry) - 1)][0]
+
+    def with_version(self, version: int) -> RoutingTable:
+        return RoutingTable(self.num_replicas, self.entries, version, self.created_at, self.meta)
+
+    # JSON form: {"version", "num_replicas", "created_at", "entries": {id: [[rank, p], ...]}, "meta"}
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "num_replicas": self.num_replicas,
+            "created_at": self.created_at,
+            "entries": {a: [[r, p] for r, p in entry] for a, entry in self.entries.items()},
+            "meta": dict(self.meta),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, data: Any) -> RoutingTable:
+        if not isinstance(data, dict):
+            raise InvalidPlacement("routing table: top level must be a JSON object")
+        raw = data.get("entries", {})
+        if not isinstance(raw, dict):
+            raise InvalidPlacement("routing table: 'entries' must map adapter ids to [[replica, probability], ...]")
+        entries: dict[str, Entry] = {}
+        for adapter_id, pairs in raw.items():
+            try:
+                entry = tuple((int(r), float(p)) for r, p in pairs)
+            except (TypeError, ValueError):
+                raise InvalidPlacement(
+                    f"routing table: entry of adapter '{adapter_id}' must be [[replica, probability], ...]"
+                ) from None
+            total = sum(p for _, p in entry)
+            entries[adapter_id] = tuple((r, p / total) for r, p in entry) if total > 0 else entry
+        meta = data.get("meta") or {}
+        return cls(
+            num_replicas=data.get("num_replicas"),  # type: ignore[arg-type]
+            entries=entries,
+            version=data.get("version", 0),
+            created_at=float(data.get("created_at", 0.0)),
+            meta=meta if isinstance(meta, dict) else {},
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> RoutingTable:
+        try:
+            data = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidPlacement(f"routing table: not valid JSON ({exc.__class__.__name__})") from None
+        return cls.from_dict(data)
+
+
+def _check_entry(adapter_id: str, entry: Entry, num_replicas: int) -> None:
+    if not isinstance(adapter_id, str) or not entry:
+        raise InvalidPlacement(f"routing table: adapter {adapter_id!r} needs at least one (replica, probability)")
+    seen = set()
+    for replica, probability in entry:
+        if not (isinstance(replica, int) and 0 <= replica < num_replicas):
+            raise InvalidPlacement(
+                f"routing table: adapter '{adapter_id}' names replica {replica!r}, outside 0..{num_replicas - 1}"
+            )
+        if replica in seen:
+            raise InvalidPlacement(f"routing table: adapter '{adapter_id}' lists replica {replica} twice")
+        seen.add(replica)
+        if not (probability > 0 and probability <= 1 + PROB_TOLERANCE):
+            raise InvalidPlacement(
+                f"routing table: adapter '{adapter_id}' has probability {probability!r} outside (0, 1]"
+            )
+    total = sum(p for _, p in entry)
+    if abs(total - 1.0) > PROB_TOLERANCE:
+        raise InvalidPlacement(f"routing table: probabilities of adapter '{adapter_id}' sum to {total:.6g}, not 1")

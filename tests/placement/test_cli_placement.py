@@ -1,0 +1,159 @@
+"""`lorafleet simulate`, `rebalance` and `profile` end to end (subprocesses; real Redis for rebalance)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lorafleet.infra.demand import DemandCounters
+from lorafleet.placement import OperatingPoints, RoutingTableStore
+
+pytestmark = pytest.mark.timeout(300)  # a hang fails fast instead of stalling CI
+
+SMALL = ["--num-adapters", "40", "--num-replicas", "4", "--num-requests", "2000", "--search-requests", "1000"]
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "lorafleet.cluster.cli", *args], capture_output=True, text=True,
+                          env=full_env, timeout=120)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert fragment in lines[0] and "Traceback" not in result.stderr
+
+
+def test_simulate_json_contract_and_determinism():
+    args = ["simulate", "--policies", "random,rank-aware", "--seed", "3", "--json", *SMALL]
+    first, second = run_cli(*args), run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    document = json.loads(first.stdout)  # exactly one JSON object on stdout
+    assert set(document) == {"policies", "workload"}
+    assert set(document["policies"]) == {"random", "rank-aware"}
+    for metrics in document["policies"].values():
+        for key in ("p50_ttft_s", "p95_ttft_s", "p99_ttft_s", "p95_tpot_s", "throughput_tokens_per_s",
+                    "slo_attainment", "replicas_needed", "churn_per_rebalance"):
+            assert key in metrics
+    assert document["workload"]["seed"] == 3 and document["workload"]["num_replicas"] == 4
+    assert first.stdout == second.stdout
+
+
+def test_simulate_table_and_plots(tmp_path):
+    result = run_cli("simulate", "--policies", "round-robin,affinity", "--no-replicas-needed", "--out",
+                     str(tmp_path / "sim"), *SMALL)
+    assert result.returncode == 0, result.stderr
+    assert "round-robin" in result.stdout and "TTFT p95 s" in result.stdout
+    saved = json.loads((tmp_path / "sim" / "simulation.json").read_text())
+    assert set(saved["policies"]) == {"round-robin", "affinity"}
+    for name in ("ttft_cdf.png", "latency_bars.png", "p95_ttft_by_rank.png"):
+        data = (tmp_path / "sim" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--policies", "random,bogus"], "unknown policy 'bogus'"),
+        (["--ranks", "8,x"], "--ranks"),
+        (["--kernel", "fast"], "unknown kernel model"),
+        (["--load", "0"], "load must be > 0"),
+        (["--num-replicas", "0"], "num_replicas"),
+        (["--preset", "nope"], "unknown preset"),
+        (["--num-adapters", "0"], "num_adapters"),
+        (["--operating-points", "/nonexistent/op.json"], "not found"),
+    ],
+)
+def test_simulate_bad_input_is_one_line_exit_2(args, fragment, capsys):
+    from lorafleet.cluster.cli import main  # in-process: the same entry point as the console script
+
+    with pytest.raises(SystemExit) as info:
+        main(["simulate", "--json", *args])
+    captured = capsys.readouterr()
+    result = subprocess.CompletedProcess([], info.value.code, captured.out, captured.err)
+    assert_one_line_error(result, fragment)
+    assert captured.out == ""
+
+
+@pytest.fixture
+def seeded_redis(redis_prefix):
+    client, prefix = redis_prefix
+    counters, store = DemandCounters(client, prefix), RoutingTableStore(client, prefix)
+    now = time.time()
+    for i in range(12):
+        adapter_id = f"ad-{i}"
+        store.put_adapter_info(adapter_id, (8, 128)[i % 2], 0)
+        for k in range(5):
+            counters.record(adapter_id, 20_000 // (i + 1), 10, now=now - 30 * k)
+    env = {"LORAFLEET_REDIS_PREFIX": prefix, "LORAFLEET_NUM_REPLICAS": "4", "LORAFLEET_REBALANCE_PERIOD_S": "30"}
+    return client, prefix, store, env
+
+
+def test_rebalance_dry_run_then_publish(seeded_redis):
+    _, _, store, env = seeded_redis
+    dry = run_cli("rebalance", "--dry-run", "--json", env=env)
+    assert dry.returncode == 0, dry.stderr
+    report = json.loads(dry.stdout)
+    assert report["published"] is False and report["num_adapters"] == 12 and store.version() == 0
+    assert report["diff"]["churn"] == 1.0 and len(report["replicas"]) == 4
+    assert report["num_unknown_rank"] == 0
+
+    published = json.loads(run_cli("rebalance", "--json", env=env).stdout)
+    assert published["published"] is True and published["version"] == 1
+    table = store.load()
+    assert table.version == 1 and len(table.entries) == 12 and table.num_replicas == 4
+    for entry in table.entries.values():
+        assert sum(p for _, p in entry) == pytest.approx(1.0)
+
+    again = run_cli("rebalance", env=env)  # rich tables, same demand: nothing moves
+    assert again.returncode == 0, again.stderr
+    assert "published version 2" in again.stdout and "churn 0.0%" in again.stdout
+    assert store.version() == 2
+
+
+def test_rebalance_bad_input_and_redis_down(seeded_redis):
+    _, _, _, env = seeded_redis
+    assert_one_line_error(run_cli("rebalance", "--num-replicas", "0", env=env), "--num-replicas")
+    down = {**env, "LORAFLEET_REDIS_URL": "redis://127.0.0.1:1/0"}
+    assert_one_line_error(run_cli("rebalance", "--dry-run", env=down), "Redis unreachable")
+
+
+def test_profile_needs_the_engine_or_a_model(tmp_path):
+    try:
+        from lorafleet.replicas import Engine  # noqa: F401
+    except ImportError:
+        assert_one_line_error(run_cli("profile", "--out", str(tmp_path / "op.json")), "Engine is not available")
+    else:
+        result = run_cli("profile", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "op.json"))
+        assert_one_line_error(result, "config.json missing")
+    assert not (tmp_path / "op.json").exists()
+    assert_one_line_error(run_cli("profile", "--ranks", "0"), "--ranks")
+
+
+def test_profile_simulated_writes_loadable_points(tmp_path):
+    out = tmp_path / "op.json"
+    result = run_cli("profile", "--simulated", "--ranks", "8,128", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    points = OperatingPoints.load(out)
+    assert points.rank_classes == (8, 128) and points.points[8] > points.points[128] > 0
+    assert points.source.startswith("simulated")
+
+
+@pytest.mark.slow
+def test_profile_measures_the_local_engine(tmp_path, tiny_model_dir):
+    pytest.importorskip("lorafleet.replicas", reason="the engine is not built yet")
+    out = tmp_path / "op.json"
+    result = run_cli("profile", "--model", str(tiny_model_dir), "--ranks", "8", "--max-batch", "2",
+                     "--prompt-tokens", "8", "--output-tokens", "3", "--slo-ttft", "60", "--slo-tpot", "60",
+                     "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    points = OperatingPoints.load(out)
+    assert points.source.startswith("engine") and points.rank_classes == (8,) and points.points[8] > 0
+    assert "r8-b1" in points.meta["probes"]
