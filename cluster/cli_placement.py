@@ -45,47 +45,31 @@ def rebalance_cmd(
 ) -> None:
     """Read demand and the current table from Redis, solve, print the diff, publish unless --dry-run."""
     from lorafleet.infra.config import get_settings
-    from lorafleet.infra.demand import DemandCounters, redis_client
-    from lorafleet.placement import AdapterLoad, DemandEstimator, RoutingTableStore, diff, solve
+    from lorafleet.infra.demand import redis_client
+    from lorafleet.placement.rebalancer import Rebalancer
 
     settings = get_settings()
     replicas = settings.num_replicas if num_replicas is None else num_replicas
     if replicas < 1 or num_periods < 1:
         raise InvalidPlacement(f"--num-replicas and --num-periods must be >= 1, got {replicas}, {num_periods}")
-    points = _points(operating_points)
     client = redis_client(settings.redis_url)
-    store = RoutingTableStore(client, settings.redis_prefix)
-    version = store.version()
-    previous = store.load()
-    counters = DemandCounters(client, settings.redis_prefix)
-    rates = DemandEstimator().replay(counters, settings.rebalance_period_s, num_periods)
-    info = store.adapter_info()
-    unknown = sorted(a for a in rates if a not in info)
-    # Unknown rank → the largest allowed: never co-batch a possibly high-rank adapter with low ranks.
-    loads = [
-        AdapterLoad(a, info.get(a, (settings.max_rank, 0))[0], d, info.get(a, (0, 0))[1])
-        for a, d in sorted(rates.items())
-    ]
-    placement = solve(loads, points, replicas, previous=previous, seed=seed)
-    change = diff(previous, placement.table, rates)
-    table = placement.table
-    if not dry_run:
-        table = store.publish(placement.table, expected_version=version)
-    report = {
-        "published": not dry_run,
-        "version": table.version if not dry_run else None,
-        "previous_version": version or None,
-        "num_replicas": replicas,
-        "num_adapters": len(table.entries),
-        "num_unknown_rank": len(unknown),
-        "class_budgets": {str(c): b for c, b in placement.class_budgets.items()},
-        "diff": change.to_dict(max_moves=max_moves),
-        "replicas": placement.replica_rows(),
-    }
+    rebalancer = Rebalancer(client, settings.redis_prefix, _points(operating_points), settings.rebalance_period_s,
+                            settings.max_rank, registry_adapter_info(client, settings.redis_prefix), num_periods)
+    report, change = rebalancer.run(replicas, dry_run=dry_run, seed=seed, max_moves=max_moves)
     if as_json:
         typer.echo(json.dumps(report))
         return
     _print_rebalance(report, change)
+
+
+def registry_adapter_info(client, prefix: str):
+    """Ranks and sizes of registered adapters (the store's registry) for the solver."""
+    from lorafleet.infra.registry import Registry
+
+    def info() -> dict[str, tuple[int, int]]:
+        return {r.adapter_id: (r.max_rank, r.num_bytes) for r in Registry(client, prefix).list_current()}
+
+    return info
 
 
 def _print_rebalance(report: dict, change) -> None:

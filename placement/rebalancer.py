@@ -1,0 +1,75 @@
+"""One rebalance period (LoRAServe Algorithm 1 end to end): demand from Redis → solve → diff → publish."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from lorafleet.infra.demand import DemandCounters
+from lorafleet.infra.errors import InvalidPlacement
+from lorafleet.placement.demand import DemandEstimator
+from lorafleet.placement.operating_points import OperatingPoints
+from lorafleet.placement.solver import AdapterLoad, solve
+from lorafleet.placement.table_diff import TableDiff, diff
+from lorafleet.placement.table_store import RoutingTableStore
+
+# adapter_id -> (max rank, bytes); e.g. read from the adapter registry.
+AdapterInfo = Callable[[], dict[str, tuple[int, int]]]
+
+
+@dataclass(slots=True)
+class Rebalancer:
+    """Reads demand counters and the current table from Redis, solves, and publishes (compare-and-set).
+
+    Used by `lorafleet rebalance` and by the placement controller deployment every period.
+    """
+
+    redis: Any
+    prefix: str
+    points: OperatingPoints
+    period_s: float
+    max_rank: int
+    adapter_info: AdapterInfo | None = None
+    num_periods: int = 10
+
+    def __post_init__(self) -> None:
+        if self.num_periods < 1 or self.period_s <= 0:
+            raise InvalidPlacement(
+                f"num_periods must be >= 1 and period_s > 0, got {self.num_periods}, {self.period_s}"
+            )
+
+    def run(self, num_replicas: int, *, dry_run: bool = False, seed: int = 0, max_moves: int = 20
+            ) -> tuple[dict, TableDiff]:
+        """Solve for `num_replicas`; publish unless dry_run. Returns (report, diff)."""
+        if num_replicas < 1:
+            raise InvalidPlacement(f"--num-replicas must be >= 1, got {num_replicas}")
+        store = RoutingTableStore(self.redis, self.prefix)
+        version = store.version()
+        previous = store.load()
+        counters = DemandCounters(self.redis, self.prefix)
+        rates = DemandEstimator().replay(counters, self.period_s, self.num_periods)
+        info = store.adapter_info()
+        if self.adapter_info is not None:
+            info.update(self.adapter_info())
+        unknown = sorted(a for a in rates if a not in info)
+        # Unknown rank → the largest allowed: never co-batch a possibly high-rank adapter with low ranks.
+        loads = [
+            AdapterLoad(a, info.get(a, (self.max_rank, 0))[0], d, info.get(a, (0, 0))[1])
+            for a, d in sorted(rates.items())
+        ]
+        placement = solve(loads, self.points, num_replicas, previous=previous, seed=seed)
+        change = diff(previous, placement.table, rates)
+        table = placement.table if dry_run else store.publish(placement.table, expected_version=version)
+        report = {
+            "published": not dry_run,
+            "version": None if dry_run else table.version,
+            "previous_version": version or None,
+            "num_replicas": num_replicas,
+            "num_adapters": len(table.entries),
+            "num_unknown_rank": len(unknown),
+            "class_budgets": {str(c): b for c, b in placement.class_budgets.items()},
+            "diff": change.to_dict(max_moves=max_moves),
+            "replicas": placement.replica_rows(),
+        }
+        return report, change
