@@ -1,1 +1,21 @@
-"""lorafleet.kernels"""
+"""Tensor ops for batches that mix many adapters: FLoRA linear, SGMV LoRA delta, the bmm baseline."""
+
+from .errors import KernelArgumentError
+from .ops import Backend, flora_linear, lora_bmm, lora_delta, select_backend
+from .plan import AdapterBatchPlan, RankGroup, Segment, plan_adapter_batch
+from .reference import flora_linear_reference, lora_delta_reference
+
+__all__ = [
+    "AdapterBatchPlan",
+    "Backend",
+    "KernelArgumentError",
+    "RankGroup",
+    "Segment",
+    "flora_linear",
+    "flora_linear_reference",
+    "lora_bmm",
+    "lora_delta",
+    "lora_delta_reference",
+    "plan_adapter_batch",
+    "select_backend",
+]

@@ -1,0 +1,118 @@
+"""lora_delta in Triton: SGMV shrink and expand fused in one kernel per rank class, grouped by segment."""
+
+from dataclasses import dataclass
+
+import torch
+import triton.language as tl
+
+from .plan import AdapterBatchPlan
+from .triton_runtime import cdiv, dot_flags, jit, next_pow2, num_sms
+
+BLOCK_N = 64
+# tl.dot needs N >= 16, so ranks 1..16 share one class (padded lanes are masked loads, no HBM traffic).
+MIN_RANK_CLASS = 16
+PROGRAMS_PER_SM = 4
+
+
+def _sgmv_kernel(
+    x_ptr, in_ptr, out_ptr, y_ptr, order_ptr, seg_off_ptr, seg_start_ptr, seg_rank_ptr, seg_scale_ptr,
+    seg_lo, d_in, d_out, cols_per_split, stride_x, stride_in, stride_out, stride_y,
+    RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACCUMULATE: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # Punica SGMV on one segment tile: h = scale * X A^T (shrink, [BM, RP] kept in registers), then
+    # Y (+)= h B over this program's slice of d_out (expand). Splitting d_out across programs re-does the
+    # small shrink but keeps enough programs in flight for decode batches of a few tokens.
+    seg = seg_lo + tl.program_id(0)
+    lo = tl.load(seg_off_ptr + seg)
+    hi = tl.load(seg_off_ptr + seg + 1)
+    m0 = lo + tl.program_id(1) * BM
+    if m0 >= hi:
+        return
+    start = tl.load(seg_start_ptr + seg).to(tl.int64)
+    rank = tl.load(seg_rank_ptr + seg)
+    scale = tl.load(seg_scale_ptr + seg)
+    mi = m0 + tl.arange(0, BM)
+    m_ok = mi < hi
+    tok = tl.load(order_ptr + mi, mask=m_ok, other=0).to(tl.int64)
+    j = tl.arange(0, RP)
+    j_ok = j < rank
+    h = tl.zeros((BM, RP), dtype=tl.float32)
+    k_end = tl.where(rank > 0, d_in, 0)  # rank-0 segment: skip the shrink, write zeros
+    for k0 in range(0, k_end, BK):
+        k = k0 + tl.arange(0, BK)
+        k_ok = k < d_in
+        xk = tl.load(x_ptr + tok[:, None] * stride_x + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        a_t = tl.load(in_ptr + (start + j)[None, :] * stride_in + k[:, None],
+                      mask=k_ok[:, None] & j_ok[None, :], other=0.0)           # [BK, RP]
+        if UPCAST:
+            h = tl.dot(xk.to(tl.float32), a_t.to(tl.float32), h, input_precision="ieee")
+        else:
+            h = tl.dot(xk, a_t, h, input_precision=PRECISION)
+    h = (h * scale).to(x_ptr.dtype.element_ty)
+    n_lo = tl.program_id(2) * cols_per_split
+    n_hi = tl.minimum(n_lo + cols_per_split, d_out)
+    for n0 in range(n_lo, n_hi, BN):
+        n = n0 + tl.arange(0, BN)
+        n_ok = n < n_hi
+        b = tl.load(out_ptr + (start + j)[:, None] * stride_out + n[None, :],
+                    mask=j_ok[:, None] & n_ok[None, :], other=0.0)              # [RP, BN]
+        if UPCAST:
+            delta = tl.dot(h.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            delta = tl.dot(h, b, input_precision=PRECISION)
+        y_ptrs = y_ptr + tok[:, None] * stride_y + n[None, :]
+        y_mask = m_ok[:, None] & n_ok[None, :]
+        if ACCUMULATE:
+            delta += tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
+        tl.store(y_ptrs, delta.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@dataclass(frozen=True, slots=True)
+class SgmvClass:
+    """Segments seg_lo:seg_hi share one padded rank RP; is_base marks the rank-0 segment."""
+
+    rank_pad: int
+    seg_lo: int
+    seg_hi: int
+    max_tokens: int
+    is_base: bool
+
+
+def sgmv_classes(plan: AdapterBatchPlan) -> tuple[SgmvClass, ...]:
+    classes: list[SgmvClass] = []
+    for index, seg in enumerate(plan.segments):  # sorted by rank: classes are contiguous
+        rank_pad = max(MIN_RANK_CLASS, next_pow2(max(seg.rank, 1)))
+        last = classes[-1] if classes else None
+        if last is not None and not last.is_base and seg.rank > 0 and last.rank_pad == rank_pad:
+            classes[-1] = SgmvClass(rank_pad, last.seg_lo, index + 1, max(last.max_tokens, seg.num_tokens), False)
+        else:
+            classes.append(SgmvClass(rank_pad, index, index + 1, seg.num_tokens, seg.rank == 0))
+    return tuple(classes)
+
+
+def lora_delta_triton(x: torch.Tensor, in_rows: torch.Tensor, out_rows: torch.Tensor, plan: AdapterBatchPlan,
+                      out: torch.Tensor, accumulate: bool) -> torch.Tensor:
+    """One fused shrink+expand launch per rank class present (the rank-0 class only when overwriting)."""
+    classes = plan.derive("triton_sgmv", sgmv_classes)
+    d_in, d_out = in_rows.shape[1], out_rows.shape[1]
+    kernel = jit(_sgmv_kernel)
+    flags = dot_flags(x.dtype)
+    n_blocks = cdiv(d_out, BLOCK_N)
+    for cls in classes:
+        if cls.is_base and accumulate:
+            continue
+        block_m = min(64 if cls.rank_pad <= 64 else 32, max(16, next_pow2(cls.max_tokens)))
+        m_tiles = cdiv(cls.max_tokens, block_m)
+        # The shrink is a serial loop over d_in per program: long K steps when the tile is small (decode).
+        block_k = 128 if cls.rank_pad * block_m <= 512 else 32
+        num_segments = cls.seg_hi - cls.seg_lo
+        wanted = cdiv(PROGRAMS_PER_SM * num_sms(x.device), num_segments * m_tiles)
+        cols_per_split = cdiv(n_blocks, min(max(wanted, 1), n_blocks)) * BLOCK_N
+        grid = (num_segments, m_tiles, cdiv(d_out, cols_per_split))
+        kernel[grid](x, in_rows, out_rows, out, plan.order, plan.seg_offsets, plan.seg_start, plan.seg_rank,
+                     plan.seg_scale, cls.seg_lo, d_in, d_out, cols_per_split,
+                     x.stride(0), in_rows.stride(0), out_rows.stride(0), out.stride(0),
+                     RP=cls.rank_pad, BM=block_m, BN=BLOCK_N, BK=block_k, ACCUMULATE=accumulate,
+                     num_warps=8 if cls.rank_pad >= 64 else 4, **flags)
+    return out
