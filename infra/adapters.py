@@ -25,10 +25,10 @@ from lorafleet.infra.adapter_files import (
     parse_safetensors,
     read_adapter_dir,
 )
+from lorafleet.infra.adapter_ids import validate_adapter_id as validate_adapter_id  # re-exported
 from lorafleet.infra.base_spec import TARGET_MODULES, BaseModelSpec
-from lorafleet.infra.errors import InvalidAdapter, InvalidAdapterId
+from lorafleet.infra.errors import InvalidAdapter
 
-ADAPTER_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 DEFAULT_MAX_RANK = 128
 DEFAULT_MAX_BYTES = 1 << 30
 PEFT_TYPES = ("LORA", "IA3", "FLORA")
@@ -37,15 +37,6 @@ _KEY = re.compile(
     r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(?:(lora_A|lora_B|flora_A|flora_B)\.weight|(ia3_l))"
 )
 _PARAMS = {"LORA": ("lora_A", "lora_B"), "IA3": ("ia3_l",), "FLORA": ("flora_B", "flora_A")}
-
-
-def validate_adapter_id(adapter_id: object) -> str:
-    """The id itself if it matches [A-Za-z0-9._-]{1,128} and is no path part; else InvalidAdapterId."""
-    if not isinstance(adapter_id, str) or not ADAPTER_ID_PATTERN.fullmatch(adapter_id):
-        raise InvalidAdapterId(f"invalid adapter id {adapter_id!r}: use 1-128 characters from [A-Za-z0-9._-]")
-    if adapter_id in (".", ".."):
-        raise InvalidAdapterId(f"invalid adapter id {adapter_id!r}: '.' and '..' are path parts")
-    return adapter_id
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,14 +6,11 @@ bucket = floor(unix time / bucket_s); each expires `retention_s + bucket_s` afte
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any
 
-from lorafleet.infra.errors import InvalidAdapterId, StoreUnavailable
-
-# Same pattern as lorafleet.infra.adapters (not imported: that module pulls in torch, this one is hot-path).
-_ADAPTER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+from lorafleet.infra.adapter_ids import validate_adapter_id
+from lorafleet.infra.errors import StoreUnavailable
 
 
 def redis_errors() -> tuple[type[BaseException], ...]:
@@ -46,8 +43,7 @@ class DemandCounters:
 
     def record(self, adapter_id: str, num_tokens: int, num_requests: int = 1, now: float | None = None) -> None:
         """Add `num_tokens` (prompt + generated) and `num_requests` to the bucket holding `now`."""
-        if not isinstance(adapter_id, str) or not _ADAPTER_ID.fullmatch(adapter_id) or adapter_id in (".", ".."):
-            raise InvalidAdapterId(f"invalid adapter id {adapter_id!r}: use 1-128 characters from [A-Za-z0-9._-]")
+        validate_adapter_id(adapter_id)
         if int(num_tokens) < 0 or int(num_requests) < 0:
             raise ValueError(f"counts must be >= 0, got tokens={num_tokens}, requests={num_requests}")
         bucket = int((time.time() if now is None else now) // self.bucket_s)

@@ -4,24 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import asdict, dataclass, fields
 
-from lorafleet.infra.errors import AdapterCorrupt, InvalidAdapterId
+from lorafleet.infra.adapter_ids import validate_adapter_id
+from lorafleet.infra.errors import AdapterCorrupt
 
-# = adapter_files.CONFIG_FILE, WEIGHTS_FILE and adapters.validate_adapter_id's rule; not imported from there:
-# those modules pull in torch, and `lorafleet adapters list` / the registry must stay light.
+# = adapter_files.CONFIG_FILE, WEIGHTS_FILE; not imported from there: that module pulls in torch, and
+# `lorafleet adapters list` / the registry must stay light.
 BUNDLE_FILES = ("adapter_config.json", "adapter_model.safetensors")
-_ADAPTER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
-
-
-def check_adapter_id(adapter_id: object) -> str:
-    """Same rule and message as `adapters.validate_adapter_id` (a test keeps them equal), without torch."""
-    if not isinstance(adapter_id, str) or not _ADAPTER_ID.fullmatch(adapter_id):
-        raise InvalidAdapterId(f"invalid adapter id {adapter_id!r}: use 1-128 characters from [A-Za-z0-9._-]")
-    if adapter_id in (".", ".."):
-        raise InvalidAdapterId(f"invalid adapter id {adapter_id!r}: '.' and '..' are path parts")
-    return adapter_id
+check_adapter_id = validate_adapter_id
 
 
 def bundle_sha256(files: dict[str, tuple[str, int]]) -> str:
