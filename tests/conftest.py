@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 torch.set_num_threads(2)
+
+
+def _import_triton_for_the_interpreter() -> None:
+    """Triton decorates its own standard library when first imported; only an import made with
+    TRITON_INTERPRET=1 lets the CPU interpreter run our kernels later (peft imports triton during collection).
+    The variable is restored at once: each Triton kernel test turns the interpreter on for itself."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+if not torch.cuda.is_available():
+    _import_triton_for_the_interpreter()
 
 
 @pytest.fixture(scope="session")

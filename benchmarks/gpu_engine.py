@@ -1,0 +1,113 @@
+"""Engine benchmark on a GPU box with torch (+ triton, tokenizers, safetensors; transformers + peft for the HF
+baseline): python benchmarks/gpu_engine.py [--quick].
+
+First checks the engine on the GPU against the same engine on the CPU (base model, a LoRA and a FLoRA adapter,
+float32, so the Triton kernels run inside the model) and exits on a mismatch; then runs lorafleet.replicas.bench
+(the same code as `lorafleet bench engine`): prints the table and a markdown copy for benchmarks/RESULTS.md, and
+writes benchmarks/results/engine-<timestamp>.json. Works from a plain checkout: when lorafleet is not installed,
+the replicas/, kernels/ and infra/ folders are loaded as lorafleet.* directly (no pydantic, Ray or redis needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import tempfile
+import types
+from dataclasses import replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("infra", "kernels", "replicas")
+
+
+def load_packages() -> None:
+    try:
+        import lorafleet.replicas  # noqa: F401  (installed with pip install -e .)
+        return
+    except ImportError:
+        pass
+    # Mirror pyproject's package-dir mapping ("lorafleet.replicas" = "replicas", ...) without installing.
+    parent = types.ModuleType("lorafleet")
+    parent.__path__ = []
+    sys.modules["lorafleet"] = parent
+    for name in PACKAGES:
+        spec = importlib.util.spec_from_file_location(
+            f"lorafleet.{name}", REPO / name / "__init__.py", submodule_search_locations=[str(REPO / name)])
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[f"lorafleet.{name}"] = module
+        setattr(parent, name, module)
+    for name in PACKAGES:   # execute after all are registered: replicas imports infra and kernels
+        module = sys.modules[f"lorafleet.{name}"]
+        module.__spec__.loader.exec_module(module)
+
+
+def verify(device: str) -> None:
+    """Engine on the GPU (float32) = engine on the CPU, for the base model and mixed LoRA + FLoRA batches."""
+    from lorafleet.infra.adapter_maker import make_adapter
+    from lorafleet.replicas import Engine, SamplingParams
+    from lorafleet.replicas.checkpoint import make_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = make_model(Path(tmp) / "tiny", "tiny", seed=0)
+        adapters = {
+            "lora": make_adapter(Path(tmp) / "lora", model, "lora", 16, ["q_proj", "v_proj", "down_proj"], seed=1),
+            "flora": make_adapter(Path(tmp) / "flora", model, "flora", 4, ["q_proj", "k_proj", "up_proj"], seed=2),
+        }
+        engines = {d: Engine.from_pretrained(model, device=d, max_adapters=4, max_rank=16) for d in ("cpu", device)}
+        for engine in engines.values():
+            for name, path in adapters.items():
+                engine.load_adapter(name, path)
+        prompts = [[0, 5 + i, 77, 300 + 7 * i, 12] for i in range(9)]
+        names = [None, "lora", "flora"] * 3
+        params = SamplingParams(max_tokens=12, temperature=0.0, logprobs=3)
+        outs = {d: e.generate(prompts, params, adapters=names) for d, e in engines.items()}
+        for a, b in zip(outs["cpu"], outs[device], strict=True):
+            assert a.token_ids == b.token_ids, f"GPU tokens differ from CPU for adapter {a.adapter_id}"
+        for name in (None, "lora", "flora"):
+            diff = (engines["cpu"].score(prompts[0], name) - engines[device].score(prompts[0], name).cpu()).abs()
+            assert float(diff.max()) < 1e-3, f"GPU logits differ from CPU by {float(diff.max())} ({name})"
+        for engine in engines.values():
+            engine.close()
+    print("verify: engine on GPU matches the CPU engine (tokens, logits < 1e-3)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small workload (the `quick` preset)")
+    parser.add_argument("--preset", default="small", help="model preset to make when --model-dir is not given")
+    parser.add_argument("--model-dir", type=Path, default=None, help="a Hugging Face Llama directory")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16", choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--num-requests", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=None)
+    parser.add_argument("--adapter-counts", default=None, help="comma-separated, e.g. 1,8,64,512")
+    parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--skip-verify", action="store_true")
+    parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "lorafleet-bench-engine")
+    parser.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
+    args = parser.parse_args()
+    load_packages()
+    from lorafleet.replicas.bench import PRESETS, run_engine_bench
+    from lorafleet.replicas.bench_report import format_markdown
+
+    if not args.skip_verify and args.device.startswith("cuda"):
+        verify(args.device)
+    spec = PRESETS["quick" if args.quick else "full"]
+    changes: dict = {}
+    if args.num_requests:
+        changes["num_requests"] = args.num_requests
+    if args.max_num_seqs:
+        changes["max_num_seqs"] = args.max_num_seqs
+    if args.adapter_counts:
+        changes["adapter_counts"] = tuple(int(n) for n in args.adapter_counts.split(","))
+    result = run_engine_bench(args.model_dir, spec=replace(spec, **changes), preset=args.preset, device=args.device,
+                              dtype=args.dtype, work_dir=args.work_dir, out_dir=args.out_dir,
+                              baselines=not args.no_baselines, command="python " + " ".join(sys.argv))
+    print("\n" + format_markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""The replica Ray Serve deployment: one Engine, streamed tokens, routing stats, demand counters to Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+
+from lorafleet.infra.errors import LoRAFleetError
+from lorafleet.replicas.engine import Engine
+from lorafleet.replicas.sampling_params import SamplingParams
+
+logger = logging.getLogger("lorafleet.replica")
+TOKENS_PER_S_WINDOW_S = 10.0
+DEMAND_FLUSH_S = 1.0
+
+
+class DemandBuffer:
+    """Per-adapter token/request counts summed in memory and flushed to Redis about once a second.
+
+    A Redis outage drops the counts of that period (placement is approximate by design); serving never waits.
+    """
+
+    def __init__(self, counters: Any | None) -> None:
+        self.counters = counters
+        self._pending: dict[str, list[int]] = {}
+        self._lock = threading.Lock()
+        self._last_flush = time.monotonic()
+
+    def add(self, adapter_id: str | None, num_tokens: int) -> None:
+        if adapter_id is None or self.counters is None:
+            return
+        with self._lock:
+            entry = self._pending.setdefault(adapter_id, [0, 0])
+            entry[0] += num_tokens
+            entry[1] += 1
+
+    def flush_if_due(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        if self.counters is None or now - self._last_flush < DEMAND_FLUSH_S:
+            return
+        with self._lock:
+            pending, self._pending = self._pending, {}
+            self._last_flush = now
+        for adapter_id, (tokens, requests) in pending.items():
+            try:
+                self.counters.record(adapter_id, tokens, requests)
+            except LoRAFleetError as exc:
+                logger.warning("demand counters not recorded: %s", exc)
+                return
+
+
+class ReplicaServer:
+    """One engine behind Ray Serve (plain class: tests drive it without Ray).
+
+    `generate(request)` yields dicts: {"text", "token_ids", "finished", "finish_reason", "prompt_tokens",
+    "completion_tokens", "ttft_s", "adapter_state"} or, for a failed request, {"error": {"status", "code",
+    "message"}} — errors travel as data so the router answers with the right HTTP status.
+    """
+
+    def __init__(self, model_dir: str, engine_kwargs: dict | None = None, settings: dict | None = None,
+                 use_store: bool = True) -> None:
+        source, counters = None, None
+        if use_store:
+            from lorafleet.infra.config import load_settings
+            from lorafleet.infra.demand import DemandCounters
+            from lorafleet.infra.store import AdapterStore
+
+            cfg = load_settings(**(settings or {}))
+            store = AdapterStore.from_settings(cfg, base=model_dir)
+            source = store.source()
+            counters = DemandCounters(store.redis, cfg.redis_prefix)
+        self.engine = Engine.from_pretrained(model_dir, adapter_source=source, **(engine_kwargs or {}))
+        if source is not None:  # a pushed new version or a removal drops this replica's stale copy
+            source.add_listener(lambda event: self.engine.unload_adapter(event.adapter_id))
+        self.demand = DemandBuffer(counters)
+        self.rank: int | None = None
+        self._token_times: deque[tuple[float, int]] = deque()
+        self._num_inflight = 0
+
+    @staticmethod
+    def _params(request: dict) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=int(request.get("max_tokens") or 16),
+            temperature=float(request.get("temperature", 1.0)),
+            top_p=float(request.get("top_p", 1.0)),
+            seed=request.get("seed"),
+            stop=tuple(request.get("stop") or ()),
+            logprobs=request.get("logprobs"),
+        )
+
+    def _prompt(self, request: dict) -> str | list[int]:
+        if "messages" in request:
+            return self.engine.tokenizer.apply_chat_template(request["messages"], add_generation_prompt=True)
+        return request["prompt"]
+
+    async def generate(self, request: dict) -> AsyncIterator[dict]:
+        adapter_id = request.get("adapter_id")
+        start = time.monotonic()
+        state = self.adapter_state(adapter_id)
+        first = True
+        self._num_inflight += 1
+        try:
+            params = self._params(request)
+            prompt = self._prompt(request)
+            async for out in self.engine.stream(prompt, params, adapter_id, request.get("request_id")):
+                self._count_tokens(len(out.new_token_ids))
+                item = {
+                    "text": out.new_text, "token_ids": out.new_token_ids, "finished": out.finished,
+                    "finish_reason": out.finish_reason, "prompt_tokens": len(out.prompt_token_ids),
+                    "completion_tokens": len(out.token_ids), "adapter_state": state,
+                }
+                if first:  # the router's metrics: where the adapter was, and this replica's load
+                    item |= {"ttft_s": time.monotonic() - start, "replica_rank": self.rank,
+                             **self._residency_counts(), "queue_len": self._queue_len()}
+                    first = False
+                yield item
+                if out.finished:
+                    self.demand.add(adapter_id, len(out.prompt_token_ids) + len(out.token_ids))
+        except LoRAFleetError as exc:
+            yield {"error": {"status": exc.http_status, "code": exc.code, "message": str(exc)}}
+        except ValueError as exc:  # prompt too long, bad sampling values: the request's fault
+            yield {"error": {"status": 400, "code": "invalid_request", "message": str(exc)}}
+        finally:
+            self._num_inflight -= 1
+            self.demand.flush_if_due()
+
+    def adapter_state(self, adapter_id: str | None) -> str:
+        """Where the adapter is now: 'base', 'device' (in the row pools), 'host' (fetched) or 'cold'."""
+        if adapter_id is None:
+            return "base"
+        state = self.engine.adapters.residency(adapter_id)
+        return "cold" if state == "loading" else state  # a fetch under way is a cold start
+
+    def _residency_counts(self) -> dict:
+        info = self.engine.adapters.info()
+        return {"num_device": info["num_resident"], "num_host": info["num_host"]}
+
+    def _queue_len(self) -> int:
+        return self.engine.scheduler.num_waiting + self.engine.scheduler.num_running
+
+    def _count_tokens(self, num_tokens: int) -> None:
+        now = time.monotonic()
+        self._token_times.append((now, num_tokens))
+        while self._token_times and now - self._token_times[0][0] > TOKENS_PER_S_WINDOW_S:
+            self._token_times.popleft()
+
+    def routing_stats(self) -> dict:
+        stats = self.engine.stats()
+        now = time.monotonic()
+        recent = sum(n for t, n in self._token_times if now - t <= TOKENS_PER_S_WINDOW_S)
+        return {
+            "rank": self.rank,
+            "queue_len": self._queue_len(),
+            "num_inflight": self._num_inflight,
+            "resident_adapters": stats["adapters"]["resident"],
+            "tokens_per_s": recent / TOKENS_PER_S_WINDOW_S,
+            "kv_used": stats["kv_blocks_used"] / max(1, stats["kv_blocks_total"]),
+        }
+
+    def health(self) -> None:
+        self.engine.stats()
+
+
+@serve.deployment(name="replica", max_ongoing_requests=64, health_check_period_s=5)
+class ReplicaDeployment(ReplicaServer):
+    """ReplicaServer on Ray Serve: routing stats name this replica's stable rank for the RequestRouter."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rank = serve.get_replica_context().rank.rank
+
+    def record_routing_stats(self) -> dict:
+        return self.routing_stats()
+
+    def check_health(self) -> None:
+        self.health()
+
+    async def stream(self, request: dict) -> AsyncIterator[dict]:
+        async for item in self.generate(request):
+            yield item
+            await asyncio.sleep(0)

@@ -1,0 +1,60 @@
+"""Async streaming over the synchronous engine: one driver task per event loop steps the engine on a
+worker thread and hands each output to the asyncio queue of its request."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from lorafleet.replicas.outputs import RequestOutput
+from lorafleet.replicas.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from lorafleet.replicas.engine import Engine, Prompt
+
+
+class StreamHub:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self._driver: asyncio.Task | None = None
+
+    async def stream(self, prompt: Prompt, params: SamplingParams | None, adapter_id: str | None,
+                     request_id: str | None) -> AsyncIterator[RequestOutput]:
+        engine = self.engine
+        request_id = request_id or engine.new_request_id()
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._queues[request_id] = queue   # registered before the request exists: no output can be missed
+        finished = False
+        try:
+            engine.add_request(prompt, params, adapter_id, request_id)
+            self._ensure_driver()
+            while not finished:
+                out = await queue.get()
+                finished = out.finished
+                if out.error is not None:
+                    raise out.error
+                yield out
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                engine.abort(request_id)   # the consumer left early (break, cancellation, error)
+                with contextlib.suppress(RuntimeError):   # no running loop: the next step drains the abort
+                    self._ensure_driver()
+
+    def _ensure_driver(self) -> None:
+        if self._driver is None or self._driver.done():
+            self._driver = asyncio.get_running_loop().create_task(self._drive())
+
+    async def _drive(self) -> None:
+        engine = self.engine
+        while engine.has_unfinished():
+            outputs = await asyncio.to_thread(engine.step)
+            for out in outputs:
+                queue = self._queues.get(out.request_id)
+                if queue is not None:
+                    queue.put_nowait(out)
+            if not outputs:
+                await asyncio.sleep(0.001)   # only waiting on adapter loads

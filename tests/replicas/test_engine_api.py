@@ -1,0 +1,58 @@
+"""Public API of lorafleet.replicas: exports, importable without pydantic / Ray / redis, config validation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import lorafleet.replicas as replicas
+from lorafleet.replicas import EngineConfig
+
+BLOCKER = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("pydantic", "pydantic_settings", "ray", "redis", "transformers", "peft"):
+            raise ImportError(f"{name} is not on the GPU box")
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_public_api():
+    assert {"Engine", "EngineConfig", "SamplingParams", "RequestOutput", "RequestMetrics"} <= set(replicas.__all__)
+    assert all(hasattr(replicas, name) for name in replicas.__all__)
+
+
+def test_engine_runs_without_pydantic_ray_redis_transformers(tiny_model_dir):
+    code = BLOCKER + f"""
+import torch
+torch.set_num_threads(1)
+from lorafleet.replicas import Engine, SamplingParams
+engine = Engine.from_pretrained({str(tiny_model_dir)!r}, max_adapters=2, max_rank=8, kv_cache_bytes=1 << 20)
+out = engine.generate(["Hello"], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))[0]
+assert len(out.token_ids) == 3, out
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+@pytest.mark.parametrize("bad", [
+    dict(max_num_seqs=0), dict(max_num_seqs=64, max_batched_tokens=32), dict(dtype="float8"),
+    dict(device="tpu"), dict(adapter_pool_rows=4, max_rank=8), dict(target_modules=("lm_head",)),
+    dict(num_kv_blocks=0), dict(gpu_memory_utilization=1.5),
+])
+def test_engine_config_validation(bad):
+    with pytest.raises(ValueError):
+        EngineConfig(**bad)
+
+
+def test_engine_config_defaults_and_stats(make_engine):
+    config = EngineConfig(max_adapters=4, max_rank=16)
+    assert config.num_pool_rows == 64 and config.target_modules[0] == "q_proj"
+    engine = make_engine(max_model_len=64)
+    assert engine.max_model_len == 64
+    stats = engine.stats()
+    assert stats["num_running"] == 0 and stats["kv_blocks_used"] == 0 and stats["adapters"]["num_resident"] == 0
