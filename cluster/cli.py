@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "lorafleet.cluster.cli_adapters",
     "lorafleet.cluster.cli_bench",
     "lorafleet.cluster.cli_placement",
+    "lorafleet.cluster.cli_serve",
     "lorafleet.cluster.demo",
 )
 

@@ -46,7 +46,7 @@ def rebalance_cmd(
     """Read demand and the current table from Redis, solve, print the diff, publish unless --dry-run."""
     from lorafleet.infra.config import get_settings
     from lorafleet.infra.demand import redis_client
-    from lorafleet.placement.rebalancer import Rebalancer
+    from lorafleet.placement.rebalancer import Rebalancer, registry_adapter_info
 
     settings = get_settings()
     replicas = settings.num_replicas if num_replicas is None else num_replicas
@@ -60,16 +60,6 @@ def rebalance_cmd(
         typer.echo(json.dumps(report))
         return
     _print_rebalance(report, change)
-
-
-def registry_adapter_info(client, prefix: str):
-    """Ranks and sizes of registered adapters (the store's registry) for the solver."""
-    from lorafleet.infra.registry import Registry
-
-    def info() -> dict[str, tuple[int, int]]:
-        return {r.adapter_id: (r.max_rank, r.num_bytes) for r in Registry(client, prefix).list_current()}
-
-    return info
 
 
 def _print_rebalance(report: dict, change) -> None:

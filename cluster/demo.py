@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
@@ -12,13 +13,19 @@ import typer
 
 from lorafleet.infra.errors import StoreUnavailable
 
-# (adapter id, type, rank, targets): one of each kind, ranks from 1 to 64, attention-only and all-linear.
+ATTN, ALL = "q_proj,v_proj", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+# (adapter id, type, rank, targets): 20 adapters, every kind, ranks 1..64, attention-only and all-linear.
 DEMO_ADAPTERS: list[tuple[str, str, int, str]] = [
-    ("sql-lora-r8", "lora", 8, "q_proj,v_proj"),
-    ("chat-lora-r64", "lora", 64, "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"),
+    ("sql-lora-r8", "lora", 8, ATTN),
+    ("chat-lora-r64", "lora", 64, ALL),
     ("style-ia3", "ia3", 1, "k_proj,v_proj,down_proj"),
     ("tone-flora-r4", "flora", 4, "q_proj,v_proj,up_proj"),
+    *[(f"tenant{i:02d}-lora-r{r}", "lora", r, ATTN if i % 2 else ALL)
+      for i, r in enumerate((1, 2, 4, 8, 16, 32, 64, 16, 8, 4), start=1)],
+    *[(f"tenant{i:02d}-ia3", "ia3", 1, "k_proj,v_proj,down_proj") for i in (11, 12, 13)],
+    *[(f"tenant{i:02d}-flora-r{r}", "flora", r, ATTN) for i, r in ((14, 2), (15, 8), (16, 16))],
 ]
+DEMO_REDIS_PREFIX = "lorafleet-demo"
 
 
 def register(app: typer.Typer) -> None:
@@ -78,34 +85,51 @@ def prepare_assets(root: Path) -> tuple[Path, dict[str, Path]]:
 
 
 def demo_cmd(
-    root: Path = typer.Option(Path(".lorafleet"), help="Where the demo model and adapters live."),
+    root: Path = typer.Option(Path(".lorafleet"), help="Where the demo model, adapters and store live."),
+    port: int = typer.Option(8000, help="HTTP port on 127.0.0.1."),
+    num_replicas: int = typer.Option(2, min=1, help="CPU replicas."),
+    policy: str = typer.Option("rank-aware", help="Routing policy: rank-aware, random or affinity."),
 ) -> None:
-    """Start what LoRAFleet can run locally: Redis, tiny model, demo adapters, validated."""
+    """Serve the tiny model with 20 demo adapters on 127.0.0.1 (local Ray, CPU replicas) until Ctrl-C."""
     from rich.console import Console
-    from rich.table import Table
 
-    from lorafleet.infra.adapters import load_adapter_dir
-    from lorafleet.infra.base_spec import BaseModelSpec
+    from lorafleet.cluster.serving import serve_app, wait_for_signal
     from lorafleet.infra.config import load_settings
+    from lorafleet.infra.store import AdapterStore
 
     console = Console()
-    settings = load_settings()
-    state = ensure_redis(settings.redis_url)
-    console.print(f"Redis at {settings.redis_url}: {state}")
+    base = load_settings()
+    state = ensure_redis(base.redis_url)
+    console.print(f"Redis at {base.redis_url}: {state}")
     model_dir, adapters = prepare_assets(root)
-    console.print(f"tiny model: {model_dir}")
-    spec = BaseModelSpec.from_model_dir(model_dir)
-    table = Table(title="demo adapters (validated against the base)")
-    for column in ("adapter id", "type", "ranks", "targets", "bytes"):
-        table.add_column(column)
-    for adapter_id, path in adapters.items():
-        summary = load_adapter_dir(path, spec, max_rank=settings.max_rank).summary()
-        table.add_row(
-            adapter_id, summary["peft_type"], ",".join(map(str, summary["ranks"])),
-            ",".join(summary["target_modules"]), str(summary["num_bytes"]),
-        )
-    console.print(table)
-    console.print(
-        "The Ray Serve app is not built yet (issue 8), so no HTTP server is started. "
-        f"Try: .venv/bin/lorafleet adapters validate {adapters['sql-lora-r8']} --base {model_dir}"
+    settings = load_settings(
+        model_dir=str(model_dir.resolve()), store_url=str((root / "store").resolve()),
+        redis_prefix=base.redis_prefix if "LORAFLEET_REDIS_PREFIX" in os.environ else DEMO_REDIS_PREFIX,
+        num_replicas=num_replicas, routing_policy=policy, http_port=port, base_model_name="tiny",
+        max_num_seqs=16, max_batched_tokens=512, kv_cache_bytes=32 << 20, max_adapters=8, max_rank=64,
+        rebalance_period_s=10.0,
     )
+    store = AdapterStore.from_settings(settings)
+    for adapter_id, path in adapters.items():
+        record = store.push(adapter_id, path, owner="demo")
+        console.print(f"pushed {adapter_id} (version {record.version}, {record.peft_type} rank {record.max_rank})")
+    console.print(f"starting Ray Serve with {num_replicas} CPU replicas (first start takes a minute)...")
+    with serve_app(settings, num_cpus=max(2, num_replicas)) as url:
+        console.print(EXAMPLES.format(url=url, adapter="sql-lora-r8"), markup=False, highlight=False)
+        console.print("serving; Ctrl-C to stop")
+        wait_for_signal()
+        console.print("stopping the app and the local Ray...")
+
+
+EXAMPLES = """LoRAFleet is serving at {url}  (OpenAI-compatible; `model` = adapter id, or `tiny` for the base)
+
+  curl {url}/v1/models
+  curl {url}/v1/completions -H 'Content-Type: application/json' \\
+       -d '{{"model": "{adapter}", "prompt": "SELECT name FROM", "max_tokens": 16, "temperature": 0}}'
+  curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{{"model": "chat-lora-r64", "messages": [{{"role": "user", "content": "hi"}}], "stream": true}}'
+  curl {url}/v1/placement ; curl -X POST {url}/v1/placement/rebalance ; curl {url}/metrics
+
+  python -c "from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='none'); \\
+print(c.completions.create(model='style-ia3', prompt='Hello', max_tokens=8).choices[0].text)"
+"""

@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     kv_cache_bytes: int = Field(default=256 * 2**20, ge=1)
     kv_block_size: int = Field(default=16, ge=1)
     dtype: str = Field(default="float32", pattern=r"^(float32|float16|bfloat16)$")
+    device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    replica_num_cpus: float = Field(default=1.0, ge=0)
     # serving
     num_replicas: int = Field(default=2, ge=1)
     routing_policy: str = Field(default="rank-aware", pattern=r"^(rank-aware|random|affinity)$")

@@ -18,6 +18,16 @@ from lorafleet.placement.table_store import RoutingTableStore
 AdapterInfo = Callable[[], dict[str, tuple[int, int]]]
 
 
+def registry_adapter_info(client: Any, prefix: str) -> AdapterInfo:
+    """Ranks and sizes of registered adapters, read from the adapter store's registry at each call."""
+    from lorafleet.infra.registry import Registry
+
+    def info() -> dict[str, tuple[int, int]]:
+        return {r.adapter_id: (r.max_rank, r.num_bytes) for r in Registry(client, prefix).list_current()}
+
+    return info
+
+
 @dataclass(slots=True)
 class Rebalancer:
     """Reads demand counters and the current table from Redis, solves, and publishes (compare-and-set).

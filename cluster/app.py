@@ -1,0 +1,52 @@
+"""The Serve application builder: replicas + router ingress + placement controller, from Settings.
+
+`serve run lorafleet.cluster.app:build_app` (or `serve run cluster/serve.yaml`, or `lorafleet serve`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
+
+from lorafleet.infra.config import Settings, load_settings
+from lorafleet.replicas.deployment import ReplicaDeployment
+from lorafleet.router.app import PlacementController, RouterDeployment
+
+REQUEST_ROUTER_CLASS = "lorafleet.router.request_router:LoRAFleetRequestRouter"
+
+
+def engine_kwargs(settings: Settings) -> dict:
+    """EngineConfig fields from the settings (the engine itself takes no pydantic)."""
+    return {
+        "device": settings.device, "dtype": settings.dtype, "max_num_seqs": settings.max_num_seqs,
+        "max_batched_tokens": settings.max_batched_tokens, "kv_cache_bytes": settings.kv_cache_bytes,
+        "block_size": settings.kv_block_size, "max_adapters": settings.max_adapters, "max_rank": settings.max_rank,
+        "max_adapter_bytes": settings.max_adapter_bytes, "host_cache_bytes": settings.host_cache_max_bytes,
+    }
+
+
+def build(settings: Settings) -> Application:
+    """Bind the three deployments; settings travel as plain dicts so every process sees the same values."""
+    overrides = settings.model_dump(mode="json")
+    router_config = RequestRouterConfig(
+        request_router_class=REQUEST_ROUTER_CLASS,
+        request_router_kwargs={"policy": settings.routing_policy, "redis_url": settings.redis_url,
+                               "redis_prefix": settings.redis_prefix, "refresh_s": 1.0},
+        request_routing_stats_period_s=1.0,
+    )
+    actor_options: dict[str, Any] = {"num_cpus": settings.replica_num_cpus}
+    if settings.device.startswith("cuda"):
+        actor_options["num_gpus"] = 1
+    replicas = ReplicaDeployment.options(
+        num_replicas=settings.num_replicas, ray_actor_options=actor_options,
+        max_ongoing_requests=settings.max_num_seqs, request_router_config=router_config,
+    ).bind(settings.model_dir, engine_kwargs(settings), overrides)
+    controller = PlacementController.bind(overrides, settings.num_replicas)
+    return RouterDeployment.options(ray_actor_options={"num_cpus": 0}).bind(replicas, overrides, controller)
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """Serve app builder: `args` are Settings fields (from serve.yaml or `serve run ... key=value`)."""
+    return build(load_settings(**(args or {})))

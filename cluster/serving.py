@@ -1,0 +1,80 @@
+"""Run the Serve app: on a local Ray started here (demo, tests) or an existing cluster; stop cleanly on a signal."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from lorafleet.infra.config import Settings
+
+APP_NAME = "lorafleet"
+
+
+@contextmanager
+def serve_app(settings: Settings, *, address: str | None = None, num_cpus: int | None = None,
+              wait_s: float = 180.0) -> Iterator[str]:
+    """Start Ray (local unless `address`), run the app on settings.http_host:http_port; yield its base URL.
+
+    On exit: delete the app, shut Serve down, and stop the local Ray this started (no process left behind).
+    """
+    import ray
+    from ray import serve
+
+    from lorafleet.cluster.app import build
+
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    try:
+        serve.start(http_options={"host": settings.http_host, "port": settings.http_port})
+        serve.run(build(settings), name=APP_NAME, route_prefix="/", blocking=False)
+        url = f"http://{settings.http_host}:{settings.http_port}"
+        _wait_healthy(url, wait_s)
+        yield url
+    finally:
+        try:
+            serve.delete(APP_NAME)
+            serve.shutdown()
+        finally:
+            if started_ray:
+                ray.shutdown()
+
+
+def _wait_healthy(url: str, wait_s: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + wait_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{url}/healthz", timeout=2.0)
+            if response.status_code == 200:
+                return
+            last = f"HTTP {response.status_code}: {response.text[:200]}"
+        except httpx.HTTPError as exc:
+            last = f"{exc.__class__.__name__}: {exc}"
+        time.sleep(0.5)
+    raise TimeoutError(f"the app at {url} did not become healthy in {wait_s:.0f}s (last: {last})")
+
+
+def wait_for_signal() -> int:
+    """Block until SIGINT or SIGTERM; returns the signal number."""
+    received: list[int] = []
+    done = threading.Event()
+
+    def handler(signum: int, _frame: object) -> None:
+        received.append(signum)
+        done.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not done.wait(0.5):
+            pass
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    return received[0]

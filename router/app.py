@@ -1,0 +1,226 @@
+"""The HTTP ingress (FastAPI on Ray Serve) and the placement controller deployment."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI, File, Form, UploadFile
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from ray import serve
+
+from lorafleet.infra.errors import AdapterTooLarge, StoreUnavailable
+from lorafleet.router.core import RouterConfig, RouterCore
+from lorafleet.router.errors import install_error_handlers
+from lorafleet.router.schemas import ChatCompletionRequest, CompletionRequest, ModelList
+
+logger = logging.getLogger("lorafleet.router")
+REPLICA_HEADER = "x-lorafleet-replica"  # rank of the replica that served a non-streaming request
+
+
+def create_app(get_core: Callable[[], RouterCore]) -> FastAPI:
+    """The OpenAI-compatible API; every route asks `get_core()` for the RouterCore of this process."""
+    app = FastAPI(title="LoRAFleet", version="0.1.0",
+                  description="OpenAI-compatible serving of many adapters of one base model.")
+    install_error_handlers(app)
+
+    async def generate(req: CompletionRequest | ChatCompletionRequest, endpoint: str) -> Response:
+        core = get_core()
+        try:
+            if req.stream:
+                lines = await core.prepare_stream(req)
+                response: Response = StreamingResponse(lines, media_type="text/event-stream")
+            else:
+                body, replica = await core.complete(req)
+                headers = {REPLICA_HEADER: str(replica)} if replica is not None else None
+                response = JSONResponse(body.model_dump(), headers=headers)
+        except Exception as exc:
+            core.metrics.requests.labels(endpoint, str(getattr(exc, "http_status", 500))).inc()
+            raise
+        core.metrics.requests.labels(endpoint, "200").inc()
+        return response
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest) -> Response:
+        return await generate(req, "completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest) -> Response:
+        return await generate(req, "chat")
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models() -> ModelList:
+        return await asyncio.to_thread(get_core().list_models)
+
+    @app.get("/v1/adapters")
+    async def list_adapters() -> dict:
+        store = _store(get_core())
+        records = await asyncio.to_thread(store.list_current)
+        return {"object": "list", "data": [_record(r) for r in records]}
+
+    @app.get("/v1/adapters/{adapter_id}")
+    async def show_adapter(adapter_id: str) -> dict:
+        store = _store(get_core())
+        return _record(await asyncio.to_thread(store.current, adapter_id))
+
+    @app.post("/v1/adapters", status_code=201)
+    async def upload_adapter(adapter_id: str = Form(..., alias="id"),
+                             adapter_config: UploadFile = File(..., description="adapter_config.json"),
+                             adapter_model: UploadFile = File(..., description="adapter_model.safetensors")) -> dict:
+        store = _store(get_core())
+        files = {"adapter_config.json": await _read(adapter_config, 1 << 20),
+                 "adapter_model.safetensors": await _read(adapter_model, store.max_bytes)}
+        record = await asyncio.to_thread(store.push, adapter_id, files=files)
+        return _record(record)
+
+    @app.delete("/v1/adapters/{adapter_id}")
+    async def delete_adapter(adapter_id: str, purge: bool = False) -> dict:
+        store = _store(get_core())
+        return await asyncio.to_thread(store.remove, adapter_id, purge=purge)
+
+    @app.get("/v1/placement")
+    async def placement() -> dict:
+        core = get_core()
+        table = await asyncio.to_thread(_load_table, core)
+        return {"version": 0, "num_replicas": 0, "entries": {}} if table is None else table.to_dict()
+
+    @app.post("/v1/placement/rebalance")
+    async def rebalance() -> dict:
+        controller = get_core().controller
+        if controller is None:
+            raise StoreUnavailable("no placement controller is running")
+        report = await controller.rebalance.remote()
+        if report is None:
+            raise StoreUnavailable("rebalance failed: see the placement controller's log")
+        return report
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        core = get_core()
+        redis_ok = core.store is not None and await asyncio.to_thread(_redis_ok, core.store)
+        return {"status": "ok", "redis": "ok" if redis_ok else "unavailable"}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(get_core().metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _store(core: RouterCore) -> Any:
+    if core.store is None:
+        raise StoreUnavailable("this router has no adapter store configured")
+    return core.store
+
+
+async def _read(upload: UploadFile, limit: int) -> bytes:
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise AdapterTooLarge(f"{upload.filename or 'upload'}: over the limit of {limit} bytes")
+    return data
+
+
+def _record(record: Any) -> dict:
+    return {"id": record.adapter_id, "version": record.version, "peft_type": record.peft_type,
+            "max_rank": record.max_rank, "num_bytes": record.num_bytes, "created": record.created,
+            "owner": record.owner}
+
+
+def _load_table(core: RouterCore) -> Any:
+    from lorafleet.placement.table_store import RoutingTableStore
+
+    store = _store(core)
+    return RoutingTableStore(store.redis, store.prefix).load()
+
+
+def _redis_ok(store: Any) -> bool:
+    try:
+        return bool(store.redis.ping())
+    except Exception:
+        return False
+
+
+class ServeBackend:
+    """Backend over the replica deployment's handle: multiplexed_model_id carries the adapter id to the
+    RequestRouter, which picks the replica from the routing table."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    async def stream(self, request: dict, adapter_id: str | None) -> AsyncIterator[dict]:
+        handle = self.handle.options(stream=True, multiplexed_model_id=adapter_id or "")
+        async for item in handle.stream.remote(request):
+            yield item
+
+
+_process: dict[str, RouterCore] = {}
+
+
+# Serve pickles the ingress class and `app` by value, copying any dict they name; these two named module
+# functions are pickled by reference, so both sides reach this module's one `_process` in the replica.
+def process_core() -> RouterCore:
+    """This process's RouterCore."""
+    return _process["core"]
+
+
+def install_core(core: RouterCore) -> None:
+    _process["core"] = core
+
+
+app = create_app(process_core)
+
+
+@serve.deployment(name="router", max_ongoing_requests=256)
+@serve.ingress(app)
+class RouterDeployment:
+    """The ingress: one RouterCore per process, over the replica deployment's handle."""
+
+    def __init__(self, replica_handle: Any, settings: dict | None = None, controller: Any = None) -> None:
+        from lorafleet.infra.config import load_settings
+        from lorafleet.infra.store import AdapterStore
+
+        cfg = load_settings(**(settings or {}))
+        store = AdapterStore.from_settings(cfg, base=cfg.model_dir)
+        install_core(RouterCore(ServeBackend(replica_handle), RouterConfig(cfg.base_model_name), store,
+                                controller=controller))
+
+
+@serve.deployment(name="placement", num_replicas=1, ray_actor_options={"num_cpus": 0})
+class PlacementController:
+    """Rebalances every `rebalance_period_s`: demand counters → solver → routing table in Redis (routers
+    re-read it within a second). `lorafleet rebalance` publishes through the same Redis key at any time."""
+
+    def __init__(self, settings: dict | None = None, num_replicas: int | None = None) -> None:
+        from lorafleet.infra.config import load_settings
+        from lorafleet.infra.demand import redis_client
+        from lorafleet.placement.operating_points import OperatingPoints
+        from lorafleet.placement.rebalancer import Rebalancer, registry_adapter_info
+
+        cfg = load_settings(**(settings or {}))
+        client = redis_client(cfg.redis_url)
+        self.num_replicas = num_replicas or cfg.num_replicas
+        self.period_s = cfg.rebalance_period_s
+        self.rebalancer = Rebalancer(client, cfg.redis_prefix, OperatingPoints.default(), cfg.rebalance_period_s,
+                                     cfg.max_rank, registry_adapter_info(client, cfg.redis_prefix))
+        self.last_report: dict | None = None
+        self._stop = threading.Event()
+        threading.Thread(target=self._loop, daemon=True, name="lorafleet-rebalance").start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self.rebalance()
+
+    def rebalance(self) -> dict | None:
+        """One period now; returns the last successful report."""
+        try:
+            self.last_report, _ = self.rebalancer.run(self.num_replicas)
+        except Exception as exc:  # Redis down or nothing to place: keep the current table, retry next period
+            logger.warning("rebalance skipped: %s", exc)
+        return self.last_report
+
+    def __del__(self) -> None:
+        self._stop.set()

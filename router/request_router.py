@@ -1,0 +1,88 @@
+"""LoRAFleet's Ray Serve RequestRouter: replicas chosen by a RoutingPolicy over the published RoutingTable."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from typing import Any
+
+from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+
+from lorafleet.placement.routing_table import RoutingTable
+from lorafleet.router.routing_policy import POLICIES, ReplicaView
+
+logger = logging.getLogger("lorafleet.router")
+
+
+class TableCache:
+    """The newest published RoutingTable, re-read from Redis at most every `refresh_s` on a worker thread.
+
+    Routing never waits on Redis: while it is down the last good table keeps serving (None before any).
+    """
+
+    def __init__(self, redis_url: str | None, prefix: str, refresh_s: float = 1.0) -> None:
+        self.redis_url, self.prefix, self.refresh_s = redis_url, prefix, refresh_s
+        self._table: RoutingTable | None = None
+        self._checked = float("-inf")
+        self._lock = threading.Lock()
+        self._store: Any = None
+
+    def get(self) -> RoutingTable | None:
+        now = time.monotonic()
+        if self.redis_url and now - self._checked >= self.refresh_s and self._lock.acquire(blocking=False):
+            self._checked = now
+            threading.Thread(target=self._refresh, daemon=True, name="lorafleet-table-refresh").start()
+        return self._table
+
+    def refresh_now(self) -> RoutingTable | None:
+        """Re-read the table on this thread (after a rebalance); waits for a refresh already running."""
+        if self.redis_url and self._lock.acquire(timeout=5):
+            self._checked = time.monotonic()
+            self._refresh()
+        return self._table
+
+    def _refresh(self) -> None:
+        try:
+            if self._store is None:
+                from lorafleet.infra.demand import redis_client
+                from lorafleet.placement.table_store import RoutingTableStore
+
+                self._store = RoutingTableStore(redis_client(self.redis_url, timeout_s=1.0), self.prefix)
+            current = self._table.version if self._table is not None else -1
+            if self._store.version() != current:
+                self._table = self._store.load() or self._table
+        except Exception as exc:  # Redis down or a bad table: keep the last good one, try again later
+            logger.warning("routing table not refreshed: %s", exc)
+        finally:
+            self._lock.release()
+
+
+def replica_view(replica: RunningReplica) -> ReplicaView:
+    stats = replica.routing_stats or {}
+    rank = stats.get("rank")
+    return ReplicaView(
+        rank=rank if isinstance(rank, int) else None,
+        queue_len=int(stats.get("queue_len", 0)),
+        resident=frozenset(stats.get("resident_adapters", ())),
+        replica=replica,
+    )
+
+
+class LoRAFleetRequestRouter(FIFOMixin, RequestRouter):
+    """Configured through `request_router_kwargs`: policy, redis_url, redis_prefix, refresh_s, seed."""
+
+    def initialize_state(self, policy: str = "rank-aware", redis_url: str | None = None,
+                         redis_prefix: str = "lorafleet", refresh_s: float = 1.0, seed: int | None = None,
+                         **_: Any) -> None:
+        self.policy = POLICIES[policy]()
+        self.tables = TableCache(redis_url, redis_prefix, refresh_s)
+        self.rng = random.Random(seed)
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        adapter_id = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
+        views = [replica_view(r) for r in candidate_replicas]
+        tiers = self.policy.choose(adapter_id or None, views, self.tables.get(), self.rng)
+        return [[v.replica for v in tier] for tier in tiers]
