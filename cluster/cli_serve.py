@@ -16,10 +16,11 @@ def serve_cmd(
     address: str | None = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)."),
 ) -> None:
     """Serve until Ctrl-C / SIGTERM, then delete the app (and stop the local Ray if this started it)."""
-    from lorafleet.cluster.serving import serve_app, wait_for_signal
+    from lorafleet.cluster.serving import serve_app, stop_on_signals, wait_forever
     from lorafleet.infra.config import load_settings
 
     settings = load_settings(config)
-    with serve_app(settings, address=address) as url:
+    with stop_on_signals(), serve_app(settings, address=address) as url:
         typer.echo(f"serving at {url} (model_dir {settings.model_dir}); Ctrl-C to stop")
-        wait_for_signal()
+        wait_forever()
+    typer.echo("stopped")

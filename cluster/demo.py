@@ -93,7 +93,7 @@ def demo_cmd(
     """Serve the tiny model with 20 demo adapters on 127.0.0.1 (local Ray, CPU replicas) until Ctrl-C."""
     from rich.console import Console
 
-    from lorafleet.cluster.serving import serve_app, wait_for_signal
+    from lorafleet.cluster.serving import serve_app, stop_on_signals, wait_forever
     from lorafleet.infra.config import load_settings
     from lorafleet.infra.store import AdapterStore
 
@@ -114,11 +114,11 @@ def demo_cmd(
         record = store.push(adapter_id, path, owner="demo")
         console.print(f"pushed {adapter_id} (version {record.version}, {record.peft_type} rank {record.max_rank})")
     console.print(f"starting Ray Serve with {num_replicas} CPU replicas (first start takes a minute)...")
-    with serve_app(settings, num_cpus=max(2, num_replicas)) as url:
+    with stop_on_signals(), serve_app(settings, num_cpus=max(2, num_replicas)) as url:
         console.print(EXAMPLES.format(url=url, adapter="sql-lora-r8"), markup=False, highlight=False)
         console.print("serving; Ctrl-C to stop")
-        wait_for_signal()
-        console.print("stopping the app and the local Ray...")
+        wait_forever()
+    console.print("stopped the app and the local Ray")
 
 
 EXAMPLES = """LoRAFleet is serving at {url}  (OpenAI-compatible; `model` = adapter id, or `tiny` for the base)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,8 +27,12 @@ def serve_app(settings: Settings, *, address: str | None = None, num_cpus: int |
 
     started_ray = not ray.is_initialized()
     if started_ray:
+        handlers = {s: signal.getsignal(s) for s in _SIGNALS}
         ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
+        for s, handler in handlers.items():  # ray.init replaces SIGTERM with sys.exit(15): keep the caller's
+            if callable(handler):
+                signal.signal(s, handler)
     try:
         serve.start(http_options={"host": settings.http_host, "port": settings.http_port})
         serve.run(build(settings), name=APP_NAME, route_prefix="/", blocking=False)
@@ -61,20 +65,36 @@ def _wait_healthy(url: str, wait_s: float) -> None:
     raise TimeoutError(f"the app at {url} did not become healthy in {wait_s:.0f}s (last: {last})")
 
 
-def wait_for_signal() -> int:
-    """Block until SIGINT or SIGTERM; returns the signal number."""
-    received: list[int] = []
-    done = threading.Event()
+class Shutdown(Exception):
+    """SIGINT or SIGTERM arrived: unwind (stopping the app and the local Ray) and exit 0."""
 
-    def handler(signum: int, _frame: object) -> None:
-        received.append(signum)
-        done.set()
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGINT / SIGTERM raise Shutdown in the main thread for the whole block, startup included.
+
+    Ray's own failure-signal handler (absl) would turn SIGTERM into an abort of the driver, skipping cleanup:
+    it is disabled for this process before Ray starts.
+    """
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    previous = {s: signal.signal(s, _raise_shutdown) for s in _SIGNALS}
     try:
-        while not done.wait(0.5):
-            pass
+        yield
+    except Shutdown:
+        pass
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-    return received[0]
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _raise_shutdown(signum: int, _frame: object) -> None:
+    raise Shutdown(signal.Signals(signum).name)
+
+
+def wait_forever() -> None:
+    """Sleep until SIGINT / SIGTERM raises Shutdown (inside stop_on_signals)."""
+    while True:
+        time.sleep(3600)

@@ -1,0 +1,223 @@
+"""The Serve app end to end on a local Ray: 2 CPU replicas, 20 adapters, OpenAI API, table-driven routing."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from lorafleet.cluster.demo import DEMO_ADAPTERS, prepare_assets
+from lorafleet.cluster.serving import serve_app
+from lorafleet.infra.config import load_settings
+from lorafleet.infra.demand import DemandCounters
+from lorafleet.infra.store import AdapterStore
+from lorafleet.placement.routing_table import RoutingTable
+from lorafleet.placement.table_store import RoutingTableStore
+from lorafleet.router.app import REPLICA_HEADER
+
+pytestmark = pytest.mark.slow
+PROMPTS = ["SELECT name FROM", "def fibonacci(n):", "The weather today", "Hello, world!", "Question: What is"]
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _delete_prefix(prefix: str) -> None:
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(f"{prefix}:*", count=1000):
+        client.delete(key)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    model_dir, adapters = prepare_assets(root)
+    prefix = f"lftest-{uuid.uuid4().hex[:10]}"
+    settings = load_settings(
+        model_dir=str(model_dir), store_url=str(root / "store"), redis_url=REDIS_URL, redis_prefix=prefix,
+        num_replicas=2, http_port=_free_port(), base_model_name="tiny", max_num_seqs=16, max_batched_tokens=512,
+        kv_cache_bytes=32 << 20, max_adapters=8, max_rank=64, rebalance_period_s=3600.0,
+    )
+    store = AdapterStore.from_settings(settings)
+    for adapter_id, path in adapters.items():
+        store.push(adapter_id, path)
+    try:
+        with serve_app(settings, num_cpus=2) as url:
+            _wait_for_ranks(url)
+            yield url, settings, adapters, model_dir
+    finally:
+        _delete_prefix(prefix)
+
+
+def _wait_for_ranks(url: str, timeout_s: float = 120.0) -> None:
+    """Until both replicas answer (their first routing stats name their ranks); bursts spread the load."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            body = {"model": "tiny", "prompt": "hi", "max_tokens": 4}
+            return await asyncio.gather(*(client.post(f"{url}/v1/completions", json=body) for _ in range(8)))
+
+    while len(seen) < 2 and time.monotonic() < deadline:
+        for response in asyncio.run(burst()):
+            assert response.status_code == 200, response.text
+            seen.add(response.headers[REPLICA_HEADER])
+        time.sleep(1.0)
+    assert seen == {"0", "1"}
+
+
+@pytest.fixture(scope="module")
+def offline_answers(served):
+    """Greedy answers of the offline Engine (no Ray) for every (adapter, prompt) pair."""
+    from lorafleet.replicas import Engine, SamplingParams
+
+    _, _, adapters, model_dir = served
+    engine = Engine.from_pretrained(model_dir, max_adapters=24, max_rank=64, kernel_backend="torch")
+    for adapter_id, path in adapters.items():
+        engine.load_adapter(adapter_id, path)
+    pairs = [(a, p) for a in [None, *adapters] for p in PROMPTS]
+    outs = engine.generate([p for _, p in pairs], SamplingParams(max_tokens=8, temperature=0.0),
+                           adapters=[a for a, _ in pairs])
+    engine.close()
+    return {pair: out.text for pair, out in zip(pairs, outs, strict=True)}
+
+
+def test_50_concurrent_requests_match_offline_engine(served, offline_answers):
+    url = served[0]
+    rng = random.Random(0)
+    ids = [None, *[a[0] for a in DEMO_ADAPTERS]]
+    pairs = [(rng.choice(ids), rng.choice(PROMPTS)) for _ in range(50)]
+
+    async def one(client, adapter_id, prompt):
+        body = {"model": adapter_id or "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0}
+        return await client.post(f"{url}/v1/completions", json=body)
+
+    async def run_all():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(one(client, a, p) for a, p in pairs))
+
+    responses = asyncio.run(run_all())
+    for (adapter_id, prompt), response in zip(pairs, responses, strict=True):
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["choices"][0]["text"] == offline_answers[(adapter_id, prompt)], (adapter_id, prompt)
+        assert body["usage"]["completion_tokens"] <= 8 and body["usage"]["prompt_tokens"] > 0
+    assert {r.headers[REPLICA_HEADER] for r in responses} == {"0", "1"}
+
+
+def test_streaming_and_openai_client_agree(served, offline_answers):
+    from openai import OpenAI
+
+    url = served[0]
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120)
+    for adapter_id in ("sql-lora-r8", "style-ia3", "tone-flora-r4", "chat-lora-r64"):
+        expected = offline_answers[(adapter_id, PROMPTS[0])]
+        plain = client.completions.create(model=adapter_id, prompt=PROMPTS[0], max_tokens=8, temperature=0)
+        assert plain.choices[0].text == expected
+        chunks = client.completions.create(model=adapter_id, prompt=PROMPTS[0], max_tokens=8, temperature=0,
+                                           stream=True)
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
+    via_base = client.completions.create(model="tiny:sql-lora-r8", prompt=PROMPTS[1], max_tokens=8, temperature=0)
+    assert via_base.choices[0].text == offline_answers[("sql-lora-r8", PROMPTS[1])]
+    chat = client.chat.completions.create(model="chat-lora-r64", messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=6, temperature=0)
+    streamed = client.chat.completions.create(model="chat-lora-r64", messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=6, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == chat.choices[0].message.content
+    models = {m.id for m in client.models.list()}
+    assert models == {"tiny", *(a[0] for a in DEMO_ADAPTERS)}
+
+
+def _replica_counts(url: str, adapter_id: str, num: int) -> collections.Counter:
+    async def run_all():
+        async with httpx.AsyncClient(timeout=120) as client:
+            body = {"model": adapter_id, "prompt": "hi", "max_tokens": 1}
+            sem = asyncio.Semaphore(4)
+
+            async def one():
+                async with sem:
+                    return await client.post(f"{url}/v1/completions", json=body)
+
+            return await asyncio.gather(*(one() for _ in range(num)))
+
+    responses = asyncio.run(run_all())
+    assert all(r.status_code == 200 for r in responses)
+    return collections.Counter(int(r.headers[REPLICA_HEADER]) for r in responses)
+
+
+def test_routing_follows_the_table_and_rebalance_changes_it(served):
+    url, settings, _, _ = served
+    client = redis.Redis.from_url(REDIS_URL)
+    tables = RoutingTableStore(client, settings.redis_prefix)
+    table = RoutingTable(2, {"tenant01-lora-r1": ((0, 0.8), (1, 0.2)), "tenant07-lora-r64": ((1, 1.0),)})
+    tables.publish(table)
+    time.sleep(2.5)  # routers re-read the table within refresh_s (1 s)
+    counts = _replica_counts(url, "tenant01-lora-r1", 60)
+    # Binomial(60, 0.8): mean 48, sd 3.1; 5 sd either side.
+    assert 32 <= counts[0] <= 60, counts
+    assert _replica_counts(url, "tenant07-lora-r64", 20)[1] >= 16
+
+    # New demand: tenant07 dominates; `lorafleet rebalance` publishes a new table that the routers follow.
+    counters = DemandCounters(client, settings.redis_prefix)
+    counters.record("tenant07-lora-r64", 200_000, 1000)
+    counters.record("tenant01-lora-r1", 1_000, 10)
+    env = {**os.environ, "LORAFLEET_REDIS_PREFIX": settings.redis_prefix, "LORAFLEET_REDIS_URL": REDIS_URL,
+           "LORAFLEET_NUM_REPLICAS": "2"}
+    result = subprocess.run([str(Path(sys.executable).parent / "lorafleet"), "rebalance", "--json"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["published"] and report["version"] > table.version
+    new = tables.load()
+    assert new.version == report["version"] and "tenant07-lora-r64" in new.entries
+    time.sleep(2.5)
+    expected = new.probabilities("tenant07-lora-r64")
+    counts = _replica_counts(url, "tenant07-lora-r64", 40)
+    assert set(counts) <= {r for r, p in expected.items() if p > 0}, (counts, expected)
+
+
+@pytest.mark.parametrize("body,status,fragment", [
+    (b"{not json", 400, ""),
+    (json.dumps({"model": "tiny", "prompt": 5}).encode(), 400, "prompt"),
+    (json.dumps({"model": "tiny", "prompt": "x", "max_tokens": "many"}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": "tiny", "prompt": "x", "temperature": 9}).encode(), 400, "temperature"),
+    (json.dumps({"prompt": "x"}).encode(), 400, "model"),
+    (json.dumps({"model": "no-such-adapter", "prompt": "x"}).encode(), 404, "does not exist"),
+    (json.dumps({"model": "../../etc/passwd", "prompt": "x"}).encode(), 404, "does not exist"),
+])
+def test_bad_input_answers_in_openai_error_shape(served, body, status, fragment):
+    url = served[0]
+    response = httpx.post(f"{url}/v1/completions", content=body, headers={"Content-Type": "application/json"},
+                          timeout=60)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and fragment in error["message"]
+    assert "Traceback" not in response.text
+
+
+def test_placement_models_health_metrics(served):
+    url = served[0]
+    assert httpx.get(f"{url}/healthz").json() == {"status": "ok", "redis": "ok"}
+    placement = httpx.get(f"{url}/v1/placement").json()
+    assert placement["num_replicas"] == 2 and "entries" in placement
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'lorafleet_requests_total{endpoint="completions",status="200"}' in metrics
+    assert "lorafleet_ttft_seconds_bucket{adapter_state=" in metrics
+    assert "lorafleet_replica_adapters{" in metrics
