@@ -68,3 +68,24 @@ def engine_cmd(
 
     run_engine_bench(model_dir, quick=quick, preset=preset, device=device, out_dir=out_dir,
                      command="lorafleet bench engine" + (" --quick" if quick else ""))
+
+
+@bench_app.command("router")
+def router_cmd(
+    quick: bool = typer.Option(False, "--quick", help="Fewer calls and requests (under a minute on a CPU)."),
+    model_dir: Path | None = typer.Option(None, help="Model directory (default: make the `tiny` preset)."),
+    num_adapters: int = typer.Option(10_000, min=1, help="Adapters in the routing table."),
+    num_replicas: int = typer.Option(64, min=1, help="Replicas in the routing table."),
+    num_requests: int | None = typer.Option(None, min=1, help="Timed 1-token requests per path (default 300)."),
+    out_dir: Path = typer.Option(Path("benchmarks/results"), help="Where the raw JSON goes."),
+) -> None:
+    """Router overhead: table lookup + sampling, policy choice, HTTP latency minus engine latency (1 token)."""
+    from dataclasses import replace
+
+    from lorafleet.router.bench import PRESETS, run_router_bench
+
+    spec = replace(PRESETS["quick" if quick else "full"], num_adapters=num_adapters, num_replicas=num_replicas)
+    if num_requests is not None:
+        spec = replace(spec, num_requests=num_requests)
+    command = "lorafleet bench router" + (" --quick" if quick else "")
+    run_router_bench(model_dir, spec=spec, out_dir=out_dir, command=command)

@@ -22,7 +22,8 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
 def error_response(status: int, message: str, code: str | None = None, param: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
     """{"error": {"message", "type", "param", "code"}} with `status`."""
-    body = {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param, "code": code}}
+    kind = _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")  # e.g. 405
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 

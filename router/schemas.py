@@ -36,9 +36,23 @@ class _Request(BaseModel):
         return stops
 
 
+def _unicode_text(value: str) -> str:
+    # JSON may escape lone UTF-16 surrogates ("\ud800"): not text a tokenizer can encode, so a 400, not a 500.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (no lone surrogates)") from None
+    return value
+
+
 class CompletionRequest(_Request):
     prompt: str | list[int] = Field(min_length=1)
     echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_text(cls, value: str | list[int]) -> str | list[int]:
+        return _unicode_text(value) if isinstance(value, str) else value
 
 
 class ChatMessage(BaseModel):
@@ -46,6 +60,11 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str
+
+    @field_validator("content")
+    @classmethod
+    def _content_text(cls, value: str) -> str:
+        return _unicode_text(value)
 
 
 class ChatCompletionRequest(_Request):
