@@ -60,13 +60,19 @@ class BaseModelSpec:
     @classmethod
     def from_model_dir(cls, model_dir: str | Path) -> BaseModelSpec:
         """Spec from `model_dir/config.json`."""
-        path = Path(model_dir) / "config.json"
-        if not path.is_file():
-            raise InvalidModel(f"{path}: base model config not found")
-        try:
-            config = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidModel(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(config, dict):
-            raise InvalidModel(f"{path}: top level must be a JSON object")
-        return cls.from_config(config, source=str(path))
+        config, source = read_model_config(model_dir)
+        return cls.from_config(config, source=source)
+
+
+def read_model_config(model_dir: str | Path) -> tuple[dict, str]:
+    """(`model_dir/config.json` as a dict, its path for messages); InvalidModel if missing or not an object."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise InvalidModel(f"{path}: base model config not found")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidModel(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise InvalidModel(f"{path}: top level must be a JSON object")
+    return config, str(path)

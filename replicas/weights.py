@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from lorafleet.infra.base_spec import read_model_config
 from lorafleet.infra.errors import InvalidModel
 
 SINGLE_FILE = "model.safetensors"
@@ -76,14 +77,8 @@ class ModelConfig:
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path) -> ModelConfig:
-        path = Path(model_dir) / "config.json"
-        if not path.is_file():
-            raise InvalidModel(f"{path}: base model config not found")
-        try:
-            config = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidModel(f"{path}: not valid JSON ({exc})") from None
-        return cls.from_dict(config, str(path))
+        config, source = read_model_config(model_dir)
+        return cls.from_dict(config, source)
 
 
 def checkpoint_files(model_dir: str | Path) -> list[Path]:
