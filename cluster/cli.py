@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "lorafleet.cluster.cli_bench",
     "lorafleet.cluster.cli_placement",
     "lorafleet.cluster.cli_serve",
+    "lorafleet.cluster.cli_loadtest",
     "lorafleet.cluster.demo",
 )
 

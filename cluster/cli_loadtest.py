@@ -1,0 +1,39 @@
+"""`lorafleet loadtest`: Locust load test of a LoRAFleet server (or the local demo, per routing policy)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("loadtest")(loadtest_cmd)
+
+
+def loadtest_cmd(
+    host: str | None = typer.Option(None, help="Base URL of the server, e.g. http://127.0.0.1:8000."),
+    rate: float = typer.Option(4.0, help="Target arrival rate, requests/s (open-loop Poisson)."),
+    duration: str = typer.Option("60s", help="How long to send requests: 60s, 2m, 1m30s."),
+    adapters: int = typer.Option(20, help="Adapters to spread requests over (Zipf popularity)."),
+    zipf: float = typer.Option(1.1, help="Zipf exponent of adapter popularity (0 = uniform)."),
+    out: Path = typer.Option(Path("benchmarks/results/loadtest"),
+                             help="Report folder (CSV, HTML, summary.json, PNGs); the default is git-ignored."),
+    policy_compare: bool = typer.Option(False, "--policy-compare",
+                                        help="Start the local demo twice (random, rank-aware) and compare."),
+    slo_ttft_p95: float | None = typer.Option(None, help="SLO: P95 time to first token, seconds."),
+    prompt_tokens: int = typer.Option(32, help="Median prompt length in words (lognormal)."),
+    output_tokens: int = typer.Option(16, help="Median max_tokens per request (lognormal)."),
+    chat_fraction: float = typer.Option(0.25, help="Share of requests sent to /v1/chat/completions."),
+    seed: int = typer.Option(0, help="Workload seed."),
+    demo_root: Path = typer.Option(Path(".lorafleet"), help="Demo assets folder for --policy-compare."),
+) -> None:
+    """Run Locust headless against a server, write a report folder and print an SLO table."""
+    from lorafleet.loadtests.runner import LoadTestConfig, parse_duration, run_loadtest
+
+    config = LoadTestConfig(
+        host=host, rate=rate, duration_s=parse_duration(duration), num_adapters=adapters, zipf=zipf, out_dir=out,
+        is_policy_compare=policy_compare, slo_ttft_p95_s=slo_ttft_p95, prompt_tokens=prompt_tokens,
+        output_tokens=output_tokens, chat_fraction=chat_fraction, seed=seed, demo_root=demo_root,
+    )
+    run_loadtest(config)

@@ -1,0 +1,228 @@
+"""`lorafleet loadtest`: plan the workload, run Locust headless in a subprocess with a live progress display,
+then write the report folder (Locust CSV + HTML, summary.json, report.md, PNG plots) and print the SLO table."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lorafleet.loadtests.plan import LoadPlan, LoadTestError, build_plan
+from lorafleet.loadtests.workload import LengthDist
+
+COMPARE_POLICIES = ("random", "rank-aware")
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
+
+
+def parse_duration(text: str) -> float:
+    """'60s', '90', '2m', '1m30s', '1h' -> seconds (> 0)."""
+    match = _DURATION.match(text.strip().lower())
+    if not text.strip() or match is None or not any(match.groups()):
+        raise LoadTestError(f"bad duration {text!r}: use e.g. 60s, 2m, 1m30s")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    total = hours * 3600 + minutes * 60 + seconds
+    if total <= 0:
+        raise LoadTestError(f"duration must be > 0, got {text!r}")
+    return total
+
+
+@dataclass(frozen=True, slots=True)
+class LoadTestConfig:
+    """One `lorafleet loadtest` invocation; prompt/output lengths are lognormal medians (workload.py)."""
+
+    host: str | None
+    rate: float
+    duration_s: float
+    num_adapters: int
+    zipf: float
+    out_dir: Path
+    is_policy_compare: bool = False
+    slo_ttft_p95_s: float | None = None
+    prompt_tokens: int = 32
+    output_tokens: int = 16
+    length_sigma: float = 0.5
+    chat_fraction: float = 0.25
+    seed: int = 0
+    drain_s: float = 30.0
+    demo_root: Path = Path(".lorafleet")
+
+    def __post_init__(self) -> None:
+        if not self.rate > 0:
+            raise LoadTestError(f"--rate must be > 0 requests/s, got {self.rate}")
+        if not self.duration_s > 0:
+            raise LoadTestError(f"--duration must be > 0, got {self.duration_s}s")
+        if self.num_adapters < 1 or self.zipf < 0:
+            raise LoadTestError("--adapters must be >= 1 and --zipf >= 0")
+        if self.slo_ttft_p95_s is not None and self.slo_ttft_p95_s <= 0:
+            raise LoadTestError(f"--slo-ttft-p95 must be > 0 seconds, got {self.slo_ttft_p95_s}")
+        if self.prompt_tokens < 1 or self.output_tokens < 1 or self.length_sigma < 0:
+            raise LoadTestError("token lengths must be >= 1 and their sigma >= 0")
+        if not self.is_policy_compare and not self.host:
+            raise LoadTestError("--host is required (or --policy-compare to load-test a local demo)")
+
+    def params(self) -> dict:
+        out = asdict(self)
+        out["out_dir"], out["demo_root"] = str(self.out_dir), str(self.demo_root)
+        return out
+
+
+def fetch_adapter_ids(host: str, timeout_s: float = 5.0) -> list[str]:
+    """Adapter ids the server lists at /v1/models (cards with a parent); LoadTestError if it cannot be reached."""
+    import httpx
+
+    try:
+        response = httpx.get(f"{host.rstrip('/')}/v1/models", timeout=timeout_s)
+        response.raise_for_status()
+        cards = response.json()["data"]
+    except (httpx.HTTPError, ValueError, KeyError) as exc:
+        raise LoadTestError(f"cannot reach a LoRAFleet server at {host}: {exc.__class__.__name__}: {exc}") from None
+    adapters = [c["id"] for c in cards if c.get("parent")]
+    if not adapters:
+        raise LoadTestError(f"{host}/v1/models lists no adapters; push some first (`lorafleet adapters push`)")
+    return sorted(adapters)
+
+
+def plan_for_host(host: str, *, rate: float, duration_s: float, num_adapters: int, zipf: float, seed: int = 0,
+                  prompt_tokens: int = 32, output_tokens: int = 16, length_sigma: float = 0.5,
+                  chat_fraction: float = 0.25) -> LoadPlan:
+    from lorafleet.loadtests.demo_target import DEMO_RANKS
+
+    return build_plan(
+        fetch_adapter_ids(host), DEMO_RANKS, rate=rate, duration_s=duration_s, zipf=zipf,
+        num_adapters=num_adapters, chat_fraction=chat_fraction, seed=seed,
+        prompt_tokens=LengthDist(prompt_tokens, length_sigma, 1, 8 * prompt_tokens),
+        output_tokens=LengthDist(output_tokens, length_sigma, 1, 8 * output_tokens),
+    )
+
+
+def _count_new(path: Path, offset: int) -> tuple[int, int, int]:
+    """(new complete lines, of which errors, new offset) appended to the records file since `offset`."""
+    if not path.is_file():
+        return 0, 0, offset
+    with path.open("rb") as f:
+        f.seek(offset)
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    lines = data[:end].splitlines()
+    return len(lines), sum(b'"ok": false' in line for line in lines), offset + end
+
+
+def run_locust(host: str, plan: LoadPlan, out_dir: Path, *, drain_s: float, label: str, console) -> float:
+    """Locust headless (subprocess: gevent monkey-patching stays out of this process) replaying `plan`;
+    shows progress, returns the wall time in seconds. Writes locust_*.csv, locust.html, locust.log, records.jsonl."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = out_dir / "records.jsonl"
+    records.unlink(missing_ok=True)
+    env = {**os.environ, "LORAFLEET_LOADTEST_PLAN": str(plan.to_json(out_dir / "plan.json")),
+           "LORAFLEET_LOADTEST_RECORDS": str(records), "LORAFLEET_LOADTEST_DRAIN_S": str(drain_s)}
+    run_time = int(plan.duration_s + drain_s + 30)  # backstop: the scheduler quits when the plan is done
+    command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", "1", "-r", "1",
+               "-t", f"{run_time}s", "--host", host, "--csv", str(out_dir / "locust"), "--csv-full-history",
+               "--html", str(out_dir / "locust.html"), "--only-summary", "--exit-code-on-error", "0",
+               "--stop-timeout", "5", "--loglevel", "WARNING"]
+    done = errors = offset = 0
+    started = time.monotonic()
+    with (out_dir / "locust.log").open("w") as log, Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[errors]} errors · {task.fields[rate]:.1f} req/s"), console=console,
+        transient=False,
+    ) as progress:
+        task = progress.add_task(label, total=len(plan.requests), errors=0, rate=0.0)
+        proc = subprocess.Popen(command, cwd=out_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            while proc.poll() is None:
+                time.sleep(0.5)
+                new, new_errors, offset = _count_new(records, offset)
+                done, errors = done + new, errors + new_errors
+                progress.update(task, completed=done, errors=errors,
+                                rate=done / max(time.monotonic() - started, 1e-9))
+                if time.monotonic() - started > run_time + 60:
+                    proc.kill()
+                    raise LoadTestError(f"locust did not stop after {run_time + 60}s; see {out_dir / 'locust.log'}")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    wall_s = time.monotonic() - started
+    if proc.returncode != 0 or not (out_dir / "locust_stats.csv").is_file():
+        tail = (out_dir / "locust.log").read_text()[-800:]
+        raise LoadTestError(f"locust failed (exit {proc.returncode}); last output:\n{tail}")
+    return wall_s
+
+
+def report_run(config: LoadTestConfig, plan: LoadPlan, out_dir: Path, wall_s: float, title: str,
+               extra: dict | None = None) -> tuple[dict, list[dict]]:
+    """summary.json, report.md and the PNG plots of one run; returns (summary, records)."""
+    from lorafleet.loadtests.plots import plot_run
+    from lorafleet.loadtests.report import load_records, locust_counts, markdown_table, summarize, write_summary
+
+    records = load_records(out_dir / "records.jsonl")
+    # The run's length without Locust's start-up: first request start to last request end.
+    if records:
+        wall_s = max(r["t"] + r["latency_s"] for r in records) - min(r["t"] for r in records)
+    params = {**config.params(), **(extra or {}), "num_planned": len(plan.requests),
+              "planned_share_by_rank_class": plan.request_share_by_rank_class(),
+              "adapter_ids_by_popularity": list(plan.adapter_ids)}
+    summary = summarize(records, wall_s=wall_s, params=params, locust=locust_counts(out_dir / "locust_stats.csv"),
+                        slo_ttft_p95_s=config.slo_ttft_p95_s)
+    write_summary(summary, out_dir / "summary.json")
+    (out_dir / "report.md").write_text(f"# {title}\n\n{markdown_table({title: summary})}\n")
+    plot_run(records, plan.duration_s, out_dir, title)
+    return summary, records
+
+
+def _one_run(config: LoadTestConfig, host: str, out_dir: Path, label: str, console,
+             extra: dict | None = None) -> tuple[dict, list[dict]]:
+    plan = plan_for_host(host, rate=config.rate, duration_s=config.duration_s, num_adapters=config.num_adapters,
+                         zipf=config.zipf, seed=config.seed, prompt_tokens=config.prompt_tokens,
+                         output_tokens=config.output_tokens, length_sigma=config.length_sigma,
+                         chat_fraction=config.chat_fraction)
+    wall_s = run_locust(host, plan, out_dir, drain_s=config.drain_s, label=label, console=console)
+    title = (f"{label}: {config.rate:g} req/s, {config.duration_s:g} s, {config.num_adapters} adapters, "
+             f"zipf {config.zipf:g}")
+    return report_run(config, plan, out_dir, wall_s, title, extra)
+
+
+def run_loadtest(config: LoadTestConfig, console=None) -> dict[str, dict]:
+    """Run one load test (or one per routing policy with is_policy_compare); print the SLO table.
+
+    Returns {run name: summary}. With a comparison the runs go to out_dir/<policy>/ and out_dir gets the
+    combined summary.json, report.md and ttft_cdf.png (both policies on one plot).
+    """
+    from rich.console import Console
+
+    from lorafleet.loadtests.plots import plot_ttft_cdf
+    from lorafleet.loadtests.report import markdown_table, slo_table
+
+    console = console or Console(width=None if sys.stdout.isatty() else 120)
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    summaries: dict[str, dict] = {}
+    if not config.is_policy_compare:
+        fetch_adapter_ids(config.host)  # fail fast, before anything is written
+        summaries["loadtest"], _ = _one_run(config, config.host, config.out_dir, "loadtest", console)
+    else:
+        from lorafleet.loadtests.demo_target import local_demo
+
+        if config.host:
+            console.print(f"--policy-compare load-tests a local demo app; ignoring --host {config.host}")
+        all_records = {}
+        for policy in COMPARE_POLICIES:
+            console.print(f"starting the local demo app with routing policy [bold]{policy}[/] ...")
+            with local_demo(config.demo_root, policy) as url:
+                summaries[policy], all_records[policy] = _one_run(
+                    config, url, config.out_dir / policy, policy, console, extra={"routing_policy": policy})
+        write_summary_all = {"params": config.params(), "runs": summaries}
+        (config.out_dir / "summary.json").write_text(json.dumps(write_summary_all, indent=2) + "\n")
+        (config.out_dir / "report.md").write_text(f"# Routing policy comparison\n\n{markdown_table(summaries)}\n")
+        plot_ttft_cdf(all_records, config.out_dir / "ttft_cdf.png", "TTFT by routing policy and rank class")
+    console.print(slo_table(summaries))
+    console.print(f"report: {config.out_dir}")
+    return summaries

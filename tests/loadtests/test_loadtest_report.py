@@ -1,0 +1,71 @@
+"""A 10-second headless Locust run against the local demo app produces the whole report folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from matplotlib.image import imread
+from rich.console import Console
+
+from lorafleet.loadtests.demo_target import local_demo
+from lorafleet.loadtests.plots import PLOT_FILES
+from lorafleet.loadtests.report import load_records, locust_counts
+from lorafleet.loadtests.runner import LoadTestConfig, run_loadtest
+
+pytestmark = pytest.mark.slow
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def demo_url(tmp_path_factory):
+    # local_demo serves in-process on a free port under its own Redis prefix, deleted on exit.
+    with local_demo(tmp_path_factory.mktemp("loadtest-demo"), "rank-aware", warmup_requests=4) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def report(demo_url, tmp_path_factory):
+    out = tmp_path_factory.mktemp("loadtest-report")
+    config = LoadTestConfig(host=demo_url, rate=3.0, duration_s=10.0, num_adapters=12, zipf=1.1, out_dir=out,
+                            slo_ttft_p95_s=30.0, prompt_tokens=8, output_tokens=8, drain_s=20.0)
+    summaries = run_loadtest(config, console=Console(record=True, width=120))
+    return out, summaries["loadtest"]
+
+
+def test_report_folder_has_every_file_non_empty(report):
+    out, _ = report
+    expected = {"locust_stats.csv", "locust_stats_history.csv", "locust_failures.csv", "locust.html",
+                "summary.json", "report.md", "records.jsonl", "plan.json", *PLOT_FILES}
+    names = {p.name for p in out.iterdir()}
+    assert expected <= names, expected - names
+    assert all(p.stat().st_size > 0 for p in out.iterdir() if p.is_file()), sorted(names)
+
+
+def test_plots_are_valid_pngs(report):
+    out, _ = report
+    for name in PLOT_FILES:
+        path = out / name
+        assert path.read_bytes()[:8] == PNG_SIGNATURE, name
+        image = imread(path)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100, (name, image.shape)
+
+
+def test_summary_counts_match_locust(report):
+    out, summary = report
+    assert json.loads((out / "summary.json").read_text())["num_requests"] == summary["num_requests"]
+    locust = locust_counts(out / "locust_stats.csv")
+    assert summary["num_requests"] == locust["num_requests"] == len(load_records(out / "records.jsonl"))
+    assert summary["num_errors"] == locust["num_failures"]
+    # Poisson(30) requests planned; every one of them answered within the drain time.
+    assert summary["num_requests"] == summary["params"]["num_planned"] and 12 <= summary["num_requests"] <= 55
+
+
+def test_summary_has_latency_and_slo(report):
+    _, summary = report
+    assert summary["num_errors"] == 0, summary["errors"]
+    assert 0 < summary["ttft_s"]["p50"] <= summary["ttft_s"]["p95"] <= summary["ttft_s"]["p99"]
+    assert summary["tpot_s"]["p50"] > 0 and summary["output_tokens_per_s"] > 0
+    assert summary["slo"] == {"ttft_p95_s": 30.0, "is_pass": True}
+    assert set(summary["by_rank_class"]) <= {"r1-4", "r8-16", "r32+"}
+    assert sum(c["num_requests"] for c in summary["by_rank_class"].values()) == summary["num_requests"]
