@@ -32,6 +32,25 @@ if not torch.cuda.is_available():
     _import_triton_for_the_interpreter()
 
 
+@pytest.fixture
+def redis_prefix():
+    """(client, prefix) on the shared Redis; every key under the prefix is deleted afterwards."""
+    import uuid
+
+    import redis
+    from lf_testing import REDIS_URL, delete_prefix
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        client.ping()
+    except redis.exceptions.ConnectionError:
+        pytest.fail(f"these tests need a Redis server at {REDIS_URL}")
+    prefix = f"lftest-{uuid.uuid4().hex[:12]}"
+    yield client, prefix
+    delete_prefix(client, prefix)
+    client.close()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The `tiny` preset (seed 0) in Hugging Face layout; read-only for tests."""

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 
 import pytest
 import redis
+from lf_testing import free_port
 
 from lorafleet.cluster.demo import DEMO_ADAPTERS, ensure_redis, prepare_assets
 from lorafleet.infra.adapters import load_adapter_dir
@@ -14,18 +14,12 @@ from lorafleet.infra.base_spec import BaseModelSpec
 from lorafleet.infra.errors import StoreUnavailable
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_running_redis_is_used():
     assert ensure_redis("redis://127.0.0.1:6379/0") == "running"
 
 
 def test_local_redis_server_is_started_when_none_answers():
-    port = _free_port()
+    port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     try:
         assert ensure_redis(url) == "started"
@@ -37,7 +31,7 @@ def test_local_redis_server_is_started_when_none_answers():
 def test_without_redis_server_binary_a_clear_instruction(monkeypatch):
     monkeypatch.setattr("shutil.which", lambda name: None)
     with pytest.raises(StoreUnavailable, match="redis-server is not installed: run `apt-get install redis-server`"):
-        ensure_redis(f"redis://127.0.0.1:{_free_port()}/0")
+        ensure_redis(f"redis://127.0.0.1:{free_port()}/0")
 
 
 def test_demo_assets_validate(tmp_path):

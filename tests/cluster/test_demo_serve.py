@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,18 +15,14 @@ import httpx
 import psutil
 import pytest
 import redis
+from lf_testing import free_port
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def test_demo_serves_then_stops_cleanly(tmp_path):
-    port, prefix = _free_port(), f"lftest-{uuid.uuid4().hex[:10]}"
+    port, prefix = free_port(), f"lftest-{uuid.uuid4().hex[:10]}"
     env = {**os.environ, "LORAFLEET_REDIS_PREFIX": prefix}
     demo = subprocess.Popen([str(Path(sys.executable).parent / "lorafleet"), "demo", "--root", str(tmp_path),
                              "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -7,7 +7,6 @@ import collections
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from lf_testing import REDIS_URL, delete_prefix, free_port
 
 from lorafleet.cluster.demo import DEMO_ADAPTERS, prepare_assets
 from lorafleet.cluster.serving import serve_app
@@ -29,19 +29,7 @@ from lorafleet.router.app import REPLICA_HEADER
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["SELECT name FROM", "def fibonacci(n):", "The weather today", "Hello, world!", "Question: What is"]
-REDIS_URL = "redis://127.0.0.1:6379/0"
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _delete_prefix(prefix: str) -> None:
-    client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(f"{prefix}:*", count=1000):
-        client.delete(key)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +39,7 @@ def served(tmp_path_factory):
     prefix = f"lftest-{uuid.uuid4().hex[:10]}"
     settings = load_settings(
         model_dir=str(model_dir), store_url=str(root / "store"), redis_url=REDIS_URL, redis_prefix=prefix,
-        num_replicas=2, http_port=_free_port(), base_model_name="tiny", max_num_seqs=16, max_batched_tokens=512,
+        num_replicas=2, http_port=free_port(), base_model_name="tiny", max_num_seqs=16, max_batched_tokens=512,
         kv_cache_bytes=32 << 20, max_adapters=8, max_rank=64, rebalance_period_s=3600.0,
     )
     store = AdapterStore.from_settings(settings)
@@ -62,7 +50,7 @@ def served(tmp_path_factory):
             _wait_for_ranks(url)
             yield url, settings, adapters, model_dir
     finally:
-        _delete_prefix(prefix)
+        delete_prefix(redis.Redis.from_url(REDIS_URL), prefix)
 
 
 def _wait_for_ranks(url: str, timeout_s: float = 120.0) -> None:

@@ -11,20 +11,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from lf_testing import delete_prefix, free_port
 
 SHARED_REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def delete_prefix(client, prefix: str) -> None:
-    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-    for i in range(0, len(keys), 1000):
-        client.delete(*keys[i : i + 1000])
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +25,7 @@ def redis_client():
     try:
         client.ping()
     except Exception as exc:
-        pytest.skip(f"store tests need Redis at {SHARED_REDIS_URL} ({exc})")
+        pytest.fail(f"store tests need Redis at {SHARED_REDIS_URL} ({exc})")
     return client
 
 

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import threading
 import time
-import uuid
 from collections import Counter
 from types import SimpleNamespace
 
@@ -239,26 +238,6 @@ def wait_for(predicate, timeout_s: float = 10.0, interval_s: float = 0.01):
         time.sleep(interval_s)
 
 
-def delete_prefix(client, prefix: str) -> None:
-    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-    if keys:
-        client.delete(*keys)
-
-
-@pytest.fixture
-def redis_prefix():
-    """(client, prefix) on the shared Redis; every key under the prefix is deleted afterwards."""
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
-    try:
-        client.ping()
-    except redis.exceptions.ConnectionError:
-        pytest.fail(f"these tests need a Redis server at {REDIS_URL}")
-    prefix = f"lftest-router-{uuid.uuid4().hex[:12]}"
-    yield client, prefix
-    delete_prefix(client, prefix)
-    client.close()
 
 
 def table_v(version_tag: int) -> RoutingTable:
