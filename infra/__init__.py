@@ -13,6 +13,7 @@ from lorafleet.infra.errors import (
     InvalidModel,
     LoRAFleetError,
     Overloaded,
+    ReplicaUnavailable,
     StoreUnavailable,
 )
 
@@ -25,5 +26,6 @@ __all__ = [
     "InvalidModel",
     "LoRAFleetError",
     "Overloaded",
+    "ReplicaUnavailable",
     "StoreUnavailable",
 ]

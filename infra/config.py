@@ -53,6 +53,26 @@ class Settings(BaseSettings):
     rebalance_period_s: float = Field(default=30.0, gt=0)
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8000, ge=1, le=65535)
+    # router: auth and limits (README "Auth and limits")
+    api_keys: dict[str, str | list[str]] = {}  # key -> "*" or [adapter ids]; JSON in LORAFLEET_API_KEYS
+    admin_key: str | None = None  # adapter writes and rebalance; no keys at all = open
+    max_inflight_requests: int = Field(default=256, ge=1)
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    max_tokens_limit: int = Field(default=4096, ge=1)
+    max_prompt_chars: int = Field(default=200_000, ge=1)
+    max_stop_strings: int = Field(default=8, ge=0, le=64)
+    max_request_bytes: int = Field(default=1 << 20, ge=1)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _key_scopes(cls, value: dict[str, str | list[str]]) -> dict[str, str | list[str]]:
+        # The message never includes a key: settings errors are printed.
+        for scope in value.values():
+            if scope != "*" and not isinstance(scope, list):
+                raise ValueError('each value must be "*" or a list of adapter ids')
+        if any(not key for key in value):
+            raise ValueError("API keys must be non-empty")
+        return value
 
     @field_validator("redis_url")
     @classmethod

@@ -58,6 +58,13 @@ class StoreUnavailable(LoRAFleetError):
     code = "store_unavailable"
 
 
+class ReplicaUnavailable(LoRAFleetError):
+    """The replica serving a request died or could not be reached (e.g. killed mid-request); safe to retry."""
+
+    http_status = 503
+    code = "replica_unavailable"
+
+
 class Overloaded(LoRAFleetError):
     """Queues are full; the client should retry later."""
 

@@ -8,18 +8,35 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import FastAPI, File, Form, UploadFile
+import anyio
+from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
+from ray.exceptions import RayActorError
 
-from lorafleet.infra.errors import AdapterTooLarge, StoreUnavailable
+from lorafleet.infra.errors import AdapterNotFound, AdapterTooLarge, ReplicaUnavailable, StoreUnavailable
+from lorafleet.router.auth import ApiKeys, AuthMiddleware, Tenant, tenant_of
 from lorafleet.router.core import RouterConfig, RouterCore
 from lorafleet.router.errors import install_error_handlers
+from lorafleet.router.limits import BodySizeLimit
 from lorafleet.router.schemas import ChatCompletionRequest, CompletionRequest, ModelList
 
 logger = logging.getLogger("lorafleet.router")
 REPLICA_HEADER = "x-lorafleet-replica"  # rank of the replica that served a non-streaming request
+UPLOAD_OVERHEAD_BYTES = 2 << 20  # adapter_config.json (at most 1 MiB) and the multipart framing
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """Closes its body iterator however the response ends, so a client that goes away aborts the generation at
+    once (Starlette only cancels the sending task, leaving the generator to the garbage collector)."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()  # type: ignore[union-attr]
 
 
 def create_app(get_core: Callable[[], RouterCore]) -> FastAPI:
@@ -27,15 +44,17 @@ def create_app(get_core: Callable[[], RouterCore]) -> FastAPI:
     app = FastAPI(title="LoRAFleet", version="0.1.0",
                   description="OpenAI-compatible serving of many adapters of one base model.")
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, get_limit=lambda method, path: _body_limit(get_core(), method, path))
+    app.add_middleware(AuthMiddleware, get_keys=lambda: get_core().auth)  # added last: runs first
 
-    async def generate(req: CompletionRequest | ChatCompletionRequest, endpoint: str) -> Response:
+    async def generate(req: CompletionRequest | ChatCompletionRequest, endpoint: str, tenant: Tenant) -> Response:
         core = get_core()
         try:
             if req.stream:
-                lines = await core.prepare_stream(req)
-                response: Response = StreamingResponse(lines, media_type="text/event-stream")
+                lines = await core.prepare_stream(req, tenant)
+                response: Response = ClosingStreamingResponse(lines, media_type="text/event-stream")
             else:
-                body, replica = await core.complete(req)
+                body, replica = await core.complete(req, tenant)
                 headers = {REPLICA_HEADER: str(replica)} if replica is not None else None
                 response = JSONResponse(body.model_dump(), headers=headers)
         except Exception as exc:
@@ -45,25 +64,30 @@ def create_app(get_core: Callable[[], RouterCore]) -> FastAPI:
         return response
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest) -> Response:
-        return await generate(req, "completions")
+    async def completions(req: CompletionRequest, request: Request) -> Response:
+        return await generate(req, "completions", tenant_of(request))
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest) -> Response:
-        return await generate(req, "chat")
+    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
+        return await generate(req, "chat", tenant_of(request))
 
     @app.get("/v1/models", response_model=ModelList)
-    async def models() -> ModelList:
-        return await asyncio.to_thread(get_core().list_models)
+    async def models(request: Request) -> ModelList:
+        return await asyncio.to_thread(get_core().list_models, tenant_of(request))
 
     @app.get("/v1/adapters")
-    async def list_adapters() -> dict:
+    async def list_adapters(request: Request) -> dict:
+        tenant = tenant_of(request)
+        if tenant.adapter_ids is not None and not tenant.adapter_ids:
+            return {"object": "list", "data": []}  # a key bound to no adapters: nothing to ask the store
         store = _store(get_core())
         records = await asyncio.to_thread(store.list_current)
-        return {"object": "list", "data": [_record(r) for r in records]}
+        return {"object": "list", "data": [_record(r) for r in records if tenant.can_use(r.adapter_id)]}
 
     @app.get("/v1/adapters/{adapter_id}")
-    async def show_adapter(adapter_id: str) -> dict:
+    async def show_adapter(adapter_id: str, request: Request) -> dict:
+        if not tenant_of(request).can_use(adapter_id):  # before the store: ids of others do not leak
+            raise AdapterNotFound(f"adapter '{adapter_id}' does not exist")
         store = _store(get_core())
         return _record(await asyncio.to_thread(store.current, adapter_id))
 
@@ -83,10 +107,13 @@ def create_app(get_core: Callable[[], RouterCore]) -> FastAPI:
         return await asyncio.to_thread(store.remove, adapter_id, purge=purge)
 
     @app.get("/v1/placement")
-    async def placement() -> dict:
+    async def placement(request: Request) -> dict:
         core = get_core()
+        tenant = tenant_of(request)
         table = await asyncio.to_thread(_load_table, core)
-        return {"version": 0, "num_replicas": 0, "entries": {}} if table is None else table.to_dict()
+        body = {"version": 0, "num_replicas": 0, "entries": {}} if table is None else table.to_dict()
+        body["entries"] = {a: e for a, e in body["entries"].items() if tenant.can_use(a)}  # tenants see theirs
+        return body
 
     @app.post("/v1/placement/rebalance")
     async def rebalance() -> dict:
@@ -109,6 +136,14 @@ def create_app(get_core: Callable[[], RouterCore]) -> FastAPI:
         return Response(generate_latest(get_core().metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _body_limit(core: RouterCore, method: str, path: str) -> tuple[int, str]:
+    """Bytes a request body may have, and the setting that says so: adapter uploads up to the store's max_bytes
+    (plus the config file and framing), JSON up to max_request_bytes."""
+    if method == "POST" and path.rstrip("/") == "/v1/adapters" and core.store is not None:
+        return int(core.store.max_bytes) + UPLOAD_OVERHEAD_BYTES, "max_adapter_bytes"
+    return core.config.max_request_bytes, "max_request_bytes"
 
 
 def _store(core: RouterCore) -> Any:
@@ -153,8 +188,23 @@ class ServeBackend:
 
     async def stream(self, request: dict, adapter_id: str | None) -> AsyncIterator[dict]:
         handle = self.handle.options(stream=True, multiplexed_model_id=adapter_id or "")
-        async for item in handle.stream.remote(request):
-            yield item
+        responses = handle.stream.remote(request)
+        try:
+            async for item in responses:
+                yield item
+        except RayActorError as exc:  # the replica died (or is unreachable) under this request: 503, not 500
+            raise ReplicaUnavailable(f"the replica serving this request is gone ({exc.__class__.__name__}); "
+                                     "retry") from None
+        finally:
+            responses.cancel()  # closed early (client gone, timeout): cancel on the replica, which aborts there
+
+
+def router_config(cfg: Any) -> RouterConfig:
+    """The router's limits from Settings."""
+    return RouterConfig(cfg.base_model_name, max_tokens_limit=cfg.max_tokens_limit,
+                        max_prompt_chars=cfg.max_prompt_chars, max_stop_strings=cfg.max_stop_strings,
+                        max_inflight_requests=cfg.max_inflight_requests, request_timeout_s=cfg.request_timeout_s,
+                        max_request_bytes=cfg.max_request_bytes)
 
 
 _process: dict[str, RouterCore] = {}
@@ -174,7 +224,8 @@ def install_core(core: RouterCore) -> None:
 app = create_app(process_core)
 
 
-@serve.deployment(name="router", max_ongoing_requests=256)
+# Above the router's own max_inflight_requests (default 256), so the router answers 429 rather than Serve queueing.
+@serve.deployment(name="router", max_ongoing_requests=1024)
 @serve.ingress(app)
 class RouterDeployment:
     """The ingress: one RouterCore per process, over the replica deployment's handle."""
@@ -185,8 +236,8 @@ class RouterDeployment:
 
         cfg = load_settings(**(settings or {}))
         store = AdapterStore.from_settings(cfg, base=cfg.model_dir)
-        install_core(RouterCore(ServeBackend(replica_handle), RouterConfig(cfg.base_model_name), store,
-                                controller=controller))
+        install_core(RouterCore(ServeBackend(replica_handle), router_config(cfg), store, controller=controller,
+                                auth=ApiKeys(cfg.api_keys, cfg.admin_key)))
 
 
 @serve.deployment(name="placement", num_replicas=1, ray_actor_options={"num_cpus": 0})

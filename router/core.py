@@ -7,14 +7,18 @@ responses, recording metrics.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from lorafleet.infra.adapter_ids import is_valid_adapter_id
 from lorafleet.infra.errors import AdapterNotFound, LoRAFleetError, StoreUnavailable
+from lorafleet.router.auth import OPEN, ApiKeys, Tenant
+from lorafleet.router.limits import InflightLimiter, RequestTimeout
 from lorafleet.router.metrics import RouterMetrics
 from lorafleet.router.schemas import (
     ChatChoice,
@@ -50,25 +54,42 @@ class RouterConfig:
     base_model_name: str = "base"
     default_max_tokens: int = 16
     max_tokens_limit: int = 4096
+    max_prompt_chars: int = 200_000   # a string prompt, or the sum of chat message contents
+    max_stop_strings: int = 8
+    max_inflight_requests: int = 256   # generations at once in this router process; then 429
+    request_timeout_s: float = 600.0   # a whole generation, stream included; then abort and 503
+    max_request_bytes: int = 1 << 20   # JSON bodies; adapter uploads are bounded by the store's max_bytes
+
+    def __post_init__(self) -> None:
+        for name in ("default_max_tokens", "max_tokens_limit", "max_prompt_chars", "max_inflight_requests",
+                     "max_request_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RouterConfig.{name} must be >= 1")
+        if self.max_stop_strings < 0 or self.request_timeout_s <= 0:
+            raise ValueError("RouterConfig: max_stop_strings must be >= 0 and request_timeout_s > 0")
 
 
 class RouterCore:
     def __init__(self, backend: Backend, config: RouterConfig, store: Any | None = None,
-                 metrics: RouterMetrics | None = None, controller: Any | None = None) -> None:
+                 metrics: RouterMetrics | None = None, controller: Any | None = None,
+                 auth: ApiKeys | None = None) -> None:
         self.backend = backend
         self.config = config
         self.store = store  # AdapterStore (registry lookups, uploads); None = no registry check
         self.metrics = metrics or RouterMetrics()
         self.controller = controller  # PlacementController handle (POST /v1/placement/rebalance)
+        self.auth = auth or ApiKeys()   # no keys: open
+        self.limiter = InflightLimiter(config.max_inflight_requests)
 
     # -- model names ------------------------------------------------------------------------------
-    def resolve_model(self, model: str) -> str | None:
-        """Adapter id for `model` (None = the base model). Accepts `id`, the base name, or `base:id`."""
+    def resolve_model(self, model: str, tenant: Tenant = OPEN) -> str | None:
+        """Adapter id for `model` (None = the base model). Accepts `id`, the base name, or `base:id`.
+        Another tenant's adapter is 'does not exist' (404, not 403), decided before the registry is asked."""
         base = self.config.base_model_name
         if model == base:
             return None
         adapter_id = model.split(":", 1)[1] if model.startswith(f"{base}:") else model
-        if not is_valid_adapter_id(adapter_id):
+        if not is_valid_adapter_id(adapter_id) or not tenant.can_use(adapter_id):
             raise AdapterNotFound(f"model '{model}' does not exist")
         if self.store is not None:
             try:
@@ -79,7 +100,7 @@ class RouterCore:
                 pass  # registry down: let the replica try (it may hold the adapter)
         return adapter_id
 
-    def list_models(self) -> ModelList:
+    def list_models(self, tenant: Tenant = OPEN) -> ModelList:
         base = self.config.base_model_name
         cards = [ModelCard(id=base, root=base)]
         if self.store is not None:
@@ -87,6 +108,7 @@ class RouterCore:
                 records = self.store.list_current()
             except StoreUnavailable:
                 records = []
+            records = [r for r in records if tenant.can_use(r.adapter_id)]
             cards += [ModelCard(id=r.adapter_id, created=int(r.created), parent=base, root=base,
                                 owned_by=r.owner or "lorafleet") for r in records]
         return ModelList(data=cards)
@@ -94,8 +116,17 @@ class RouterCore:
     # -- generation -------------------------------------------------------------------------------
     def _replica_request(self, req: CompletionRequest | ChatCompletionRequest, adapter_id: str | None) -> dict:
         max_tokens = req.max_tokens or getattr(req, "max_completion_tokens", None) or self.config.default_max_tokens
-        if max_tokens > self.config.max_tokens_limit:
-            raise ReplicaError(400, "invalid_value", f"max_tokens: at most {self.config.max_tokens_limit}")
+        cfg = self.config
+        if max_tokens > cfg.max_tokens_limit:
+            raise ReplicaError(400, "invalid_value", f"max_tokens: at most {cfg.max_tokens_limit} (max_tokens_limit)")
+        if len(req.stop or []) > cfg.max_stop_strings:
+            raise ReplicaError(400, "invalid_value", f"stop: at most {cfg.max_stop_strings} stop strings "
+                                                     "(max_stop_strings)")
+        num_chars = (sum(len(m.content) for m in req.messages) if isinstance(req, ChatCompletionRequest)
+                     else len(req.prompt) if isinstance(req.prompt, str) else 0)
+        if num_chars > cfg.max_prompt_chars:
+            raise ReplicaError(400, "invalid_value", f"prompt has {num_chars} characters; at most "
+                                                     f"{cfg.max_prompt_chars} (max_prompt_chars)")
         request = {
             "adapter_id": adapter_id, "max_tokens": max_tokens, "temperature": req.temperature,
             "top_p": req.top_p, "seed": req.seed, "stop": req.stop, "request_id": new_id("req"),
@@ -107,14 +138,26 @@ class RouterCore:
         return request
 
     async def _items(self, request: dict, adapter_id: str | None) -> AsyncIterator[dict]:
-        """Replica stream items with errors raised and metrics recorded."""
+        """Replica stream items with errors raised and metrics recorded. Holds one in-flight slot (Overloaded
+        when none is free) until the stream ends; past request_timeout_s the replica stream is closed, which
+        aborts the generation there, and RequestTimeout is raised."""
+        self.limiter.acquire()
         start = time.monotonic()
+        deadline = start + self.config.request_timeout_s
         first = last = None
         num_tokens = 0
         item: dict = {}
         self.metrics.inflight.inc()
+        stream = aiter(self.backend.stream(request, adapter_id))
         try:
-            async for item in self.backend.stream(request, adapter_id):
+            while True:
+                try:
+                    item = await asyncio.wait_for(anext(stream), deadline - time.monotonic())
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise RequestTimeout(f"no answer within {self.config.request_timeout_s}s "
+                                         "(request_timeout_s); the generation was aborted") from None
                 if "error" in item:
                     err = item["error"]
                     raise ReplicaError(int(err["status"]), err["code"], err["message"])
@@ -129,7 +172,11 @@ class RouterCore:
                 num_tokens = item.get("completion_tokens", num_tokens)
                 yield item
         finally:
+            # The client left, timed out or failed: close the replica stream now (not at garbage collection), so
+            # the engine aborts the request and frees its KV blocks and adapter pin.
+            await _close(stream)
             self.metrics.inflight.dec()
+            self.limiter.release()
         self.metrics.e2e.observe(time.monotonic() - start)
         if first is not None and last is not None and num_tokens > 1:
             self.metrics.tpot.observe((last - first) / (num_tokens - 1))
@@ -137,18 +184,19 @@ class RouterCore:
         self.metrics.tokens.labels(label, "prompt").inc(item.get("prompt_tokens", 0))
         self.metrics.tokens.labels(label, "completion").inc(num_tokens)
 
-    async def complete(self, req: CompletionRequest | ChatCompletionRequest
+    async def complete(self, req: CompletionRequest | ChatCompletionRequest, tenant: Tenant = OPEN
                        ) -> tuple[CompletionResponse | ChatCompletionResponse, int | None]:
         """The whole answer, and the rank of the replica that served it."""
-        adapter_id = self.resolve_model(req.model)
+        adapter_id = self.resolve_model(req.model, tenant)
         request = self._replica_request(req, adapter_id)
         text, finish, usage = [], None, Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
         replica = None
-        async for item in self._items(request, adapter_id):
-            text.append(item["text"])
-            finish = item.get("finish_reason") or finish
-            usage = _usage(item)
-            replica = item.get("replica_rank", replica)
+        async with aclosing(self._items(request, adapter_id)) as items:   # release the slot on any exit
+            async for item in items:
+                text.append(item["text"])
+                finish = item.get("finish_reason") or finish
+                usage = _usage(item)
+                replica = item.get("replica_rank", replica)
         if isinstance(req, ChatCompletionRequest):
             message = ChatChoiceMessage(content="".join(text))
             choices = [ChatChoice(message=message, finish_reason=finish)]
@@ -157,14 +205,19 @@ class RouterCore:
         choices = [CompletionChoice(text=prompt + "".join(text), finish_reason=finish)]
         return CompletionResponse(model=req.model, usage=usage, choices=choices), replica
 
-    async def prepare_stream(self, req: CompletionRequest | ChatCompletionRequest) -> AsyncIterator[str]:
-        """Resolve and start the request (errors raise here, before any HTTP status is sent), then SSE lines."""
-        adapter_id = self.resolve_model(req.model)
+    async def prepare_stream(self, req: CompletionRequest | ChatCompletionRequest, tenant: Tenant = OPEN
+                             ) -> AsyncIterator[str]:
+        """Resolve and start the request (errors raise here, before any HTTP status is sent), then SSE lines.
+        Closing the returned iterator closes the replica stream (the generation is aborted)."""
+        adapter_id = self.resolve_model(req.model, tenant)
         items = self._items(self._replica_request(req, adapter_id), adapter_id)
         try:
             first = await items.__anext__()
         except StopAsyncIteration:
             first = None
+        except BaseException:
+            await items.aclose()
+            raise
         return self._sse(req, first, items)
 
     async def _sse(self, req: CompletionRequest | ChatCompletionRequest, first: dict | None,
@@ -195,7 +248,15 @@ class RouterCore:
         except LoRAFleetError as exc:  # mid-stream failure: the status is already sent; report in-band
             err = {"message": str(exc), "type": "server_error", "param": None, "code": exc.code}
             yield f"data: {json.dumps({'error': err})}\n\n"
+        finally:
+            await items.aclose()   # a no-op after the end; on an early close it aborts the generation
         yield "data: [DONE]\n\n"
+
+
+async def _close(stream: AsyncIterator[dict]) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 def _usage(item: dict) -> Usage:

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-MAX_STOP_STRINGS = 8
+MAX_STOP_STRINGS = 64  # hard ceiling at parse time; the configured limit (max_stop_strings) is checked later
 
 
 class _Request(BaseModel):
