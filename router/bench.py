@@ -10,7 +10,7 @@ import platform
 import random
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,16 +52,6 @@ PRESETS: dict[str, RouterBenchSpec] = {
     "quick": RouterBenchSpec(num_lookups=5_000, micro_repeats=5, num_requests=60, num_warmup=10),
 }
 
-
-class InProcessBackend:
-    """The router's Backend over a ReplicaServer in this process (no Ray handle, no second process)."""
-
-    def __init__(self, replica: Any) -> None:
-        self.replica = replica
-
-    async def stream(self, request: dict, adapter_id: str | None) -> AsyncIterator[dict]:
-        async for item in self.replica.generate(request):
-            yield item
 
 
 def make_table(spec: RouterBenchSpec) -> RoutingTable:
@@ -196,7 +186,7 @@ async def _measure(app: Any, replica: Any, spec: RouterBenchSpec) -> dict[str, l
 def http_overhead(spec: RouterBenchSpec, model_dir: Path, adapter_dir: Path) -> list[dict]:
     from lorafleet.replicas.deployment import ReplicaServer
     from lorafleet.router.app import create_app
-    from lorafleet.router.core import RouterConfig, RouterCore
+    from lorafleet.router.core import InProcessBackend, RouterConfig, RouterCore
 
     replica = ReplicaServer(str(model_dir), use_store=False, engine_kwargs={
         "max_num_seqs": 8, "kv_cache_bytes": 16 << 20, "kernel_backend": "torch", "max_model_len": 256})

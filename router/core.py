@@ -41,6 +41,17 @@ class Backend(Protocol):
     def stream(self, request: dict, adapter_id: str | None) -> AsyncIterator[dict]: ...
 
 
+class InProcessBackend:
+    """Backend over a ReplicaServer in this process (no Ray handle): benchmarks, tests, single-process use."""
+
+    def __init__(self, replica: Any) -> None:
+        self.replica = replica
+
+    async def stream(self, request: dict, adapter_id: str | None) -> AsyncIterator[dict]:
+        async for item in self.replica.generate(request):
+            yield item
+
+
 class ReplicaError(LoRAFleetError):
     """An error the replica reported for one request, with the HTTP status it chose."""
 

@@ -19,3 +19,21 @@ def delete_prefix(client, prefix: str) -> None:
     keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
     for i in range(0, len(keys), 1000):
         client.delete(*keys[i : i + 1000])
+
+
+def make_adapters(root, model_dir, specs: dict) -> dict:
+    """{adapter id: directory} for specs {adapter id: (type, rank, targets, seed)} of the model in model_dir."""
+    from lorafleet.infra.adapter_maker import make_adapter
+
+    return {name: make_adapter(root / name, model_dir, kind, rank, targets, seed=seed)
+            for name, (kind, rank, targets, seed) in specs.items()}
+
+
+def store_less_replica(model_dir, adapter_dirs: dict, engine_kwargs: dict):
+    """A ReplicaServer without the adapter store, with `adapter_dirs` loaded into its engine."""
+    from lorafleet.replicas.deployment import ReplicaServer
+
+    server = ReplicaServer(str(model_dir), engine_kwargs=engine_kwargs, use_store=False)
+    for name, path in adapter_dirs.items():
+        server.engine.load_adapter(name, path)
+    return server

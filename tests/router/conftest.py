@@ -4,17 +4,17 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from lf_testing import make_adapters, store_less_replica
 
-from lorafleet.infra.adapter_maker import make_adapter
 from lorafleet.replicas.deployment import ReplicaServer
 from lorafleet.router.app import create_app
 from lorafleet.router.auth import ApiKeys
-from lorafleet.router.core import RouterConfig, RouterCore
+from lorafleet.router.core import InProcessBackend, RouterConfig, RouterCore
 
 HARDENING_BASE = "tiny"
 HARDENING_ADAPTERS = {  # adapter id -> (type, rank, targets, seed)
@@ -26,29 +26,14 @@ HARDENING_ENGINE_KWARGS = {"max_num_seqs": 8, "kv_cache_bytes": 16 << 20, "kerne
                            "max_model_len": 512}
 
 
-class InProcessBackend:
-    """The Backend protocol over one ReplicaServer in this process (a real engine; no Ray)."""
-
-    def __init__(self, replica: ReplicaServer) -> None:
-        self.replica = replica
-
-    async def stream(self, request: dict, adapter_id: str | None) -> AsyncIterator[dict]:
-        async for item in self.replica.generate(request):
-            yield item
-
-
 @pytest.fixture(scope="session")
 def hardening_adapter_dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("hardening-adapters")
-    return {name: make_adapter(root / name, tiny_model_dir, kind, rank, targets, seed=seed)
-            for name, (kind, rank, targets, seed) in HARDENING_ADAPTERS.items()}
+    return make_adapters(tmp_path_factory.mktemp("hardening-adapters"), tiny_model_dir, HARDENING_ADAPTERS)
 
 
 @pytest.fixture(scope="session")
 def hardening_replica(tiny_model_dir: Path, hardening_adapter_dirs: dict[str, Path]) -> Iterator[ReplicaServer]:
-    server = ReplicaServer(str(tiny_model_dir), engine_kwargs=HARDENING_ENGINE_KWARGS, use_store=False)
-    for name, path in hardening_adapter_dirs.items():
-        server.engine.load_adapter(name, path)
+    server = store_less_replica(tiny_model_dir, hardening_adapter_dirs, HARDENING_ENGINE_KWARGS)
     yield server
     server.engine.close()
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,13 +12,13 @@ import torch
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
+from lf_testing import make_adapters, store_less_replica
 
-from lorafleet.infra.adapter_maker import make_adapter
 from lorafleet.replicas.deployment import ReplicaServer
 from lorafleet.replicas.engine import Engine
 from lorafleet.replicas.sampling_params import SamplingParams
 from lorafleet.router.app import create_app
-from lorafleet.router.core import RouterConfig, RouterCore
+from lorafleet.router.core import InProcessBackend, RouterConfig, RouterCore
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -38,17 +38,6 @@ STORE_ENDPOINTS = ("/v1/adapters", "/v1/placement")
 FUZZ_MAX_TOKENS = 8
 
 
-class InProcessBackend:
-    """The Backend protocol over one ReplicaServer in this process (a real engine; no Ray)."""
-
-    def __init__(self, replica: ReplicaServer) -> None:
-        self.replica = replica
-
-    async def stream(self, request: dict, adapter_id: str | None) -> AsyncIterator[dict]:
-        async for item in self.replica.generate(request):
-            yield item
-
-
 @pytest.fixture(autouse=True)
 def _one_torch_thread() -> Iterator[None]:
     """The tiny model gains nothing from 2 threads, and spinning OpenMP threads hurt on a shared 2-core box."""
@@ -60,16 +49,12 @@ def _one_torch_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def adapter_dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("router-adapters")
-    return {name: make_adapter(root / name, tiny_model_dir, kind, rank, targets, seed=seed)
-            for name, (kind, rank, targets, seed) in ADAPTERS.items()}
+    return make_adapters(tmp_path_factory.mktemp("router-adapters"), tiny_model_dir, ADAPTERS)
 
 
 @pytest.fixture(scope="module")
 def replica(tiny_model_dir: Path, adapter_dirs: dict[str, Path]) -> Iterator[ReplicaServer]:
-    server = ReplicaServer(str(tiny_model_dir), engine_kwargs=ENGINE_KWARGS, use_store=False)
-    for name, path in adapter_dirs.items():
-        server.engine.load_adapter(name, path)
+    server = store_less_replica(tiny_model_dir, adapter_dirs, ENGINE_KWARGS)
     yield server
     server.engine.close()
 
