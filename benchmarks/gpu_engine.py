@@ -11,37 +11,12 @@ the replicas/, kernels/ and infra/ folders are loaded as lorafleet.* directly (n
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import tempfile
-import types
 from dataclasses import replace
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("infra", "kernels", "replicas")
-
-
-def load_packages() -> None:
-    try:
-        import lorafleet.replicas  # noqa: F401  (installed with pip install -e .)
-        return
-    except ImportError:
-        pass
-    # Mirror pyproject's package-dir mapping ("lorafleet.replicas" = "replicas", ...) without installing.
-    parent = types.ModuleType("lorafleet")
-    parent.__path__ = []
-    sys.modules["lorafleet"] = parent
-    for name in PACKAGES:
-        spec = importlib.util.spec_from_file_location(
-            f"lorafleet.{name}", REPO / name / "__init__.py", submodule_search_locations=[str(REPO / name)])
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[f"lorafleet.{name}"] = module
-        setattr(parent, name, module)
-    for name in PACKAGES:   # execute after all are registered: replicas imports infra and kernels
-        module = sys.modules[f"lorafleet.{name}"]
-        module.__spec__.loader.exec_module(module)
+from standalone import REPO, load_packages  # benchmarks/ is sys.path[0] when run as a script
 
 
 def verify(device: str) -> None:
@@ -89,7 +64,7 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "lorafleet-bench-engine")
     parser.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
-    load_packages()
+    load_packages("infra", "kernels", "replicas")
     from lorafleet.replicas.bench import PRESETS, run_engine_bench
     from lorafleet.replicas.bench_report import format_markdown
 

@@ -9,30 +9,9 @@ imports nothing but torch, and triton when present). Other flags: see --help.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-import types
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_kernels_package() -> None:
-    try:
-        import lorafleet.kernels  # noqa: F401  (installed with pip install -e .)
-        return
-    except ImportError:
-        pass
-    # Mirror pyproject's package-dir mapping ("lorafleet.kernels" = "kernels") without installing.
-    parent = types.ModuleType("lorafleet")
-    parent.__path__ = []
-    sys.modules["lorafleet"] = parent
-    spec = importlib.util.spec_from_file_location(
-        "lorafleet.kernels", REPO / "kernels" / "__init__.py", submodule_search_locations=[str(REPO / "kernels")])
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["lorafleet.kernels"] = module
-    spec.loader.exec_module(module)
+from standalone import REPO, load_packages  # benchmarks/ is sys.path[0] when run as a script
 
 
 def verify(device: str) -> None:
@@ -62,7 +41,7 @@ def verify(device: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    load_kernels_package()
+    load_packages("kernels")
     import torch
 
     from lorafleet.kernels.bench import main as bench_main
