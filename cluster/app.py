@@ -39,10 +39,14 @@ def build(settings: Settings) -> Application:
     actor_options: dict[str, Any] = {"num_cpus": settings.replica_num_cpus}
     if settings.device.startswith("cuda"):
         actor_options["num_gpus"] = 1
+    # Each replica takes its running batch plus a bounded engine queue; requests no replica has room for wait
+    # in the router's handle queue up to max_queued_requests, then Serve's BackPressureError → 429.
     replicas = ReplicaDeployment.options(
         num_replicas=settings.num_replicas, ray_actor_options=actor_options,
-        max_ongoing_requests=settings.max_num_seqs, request_router_config=router_config,
-    ).bind(settings.model_dir, engine_kwargs(settings), overrides)
+        max_ongoing_requests=settings.max_num_seqs + settings.replica_max_queued_requests,
+        max_queued_requests=settings.max_queued_requests, request_router_config=router_config,
+    ).bind(settings.model_dir, engine_kwargs(settings), overrides,
+           max_queued_requests=settings.replica_max_queued_requests)
     controller = PlacementController.bind(overrides, settings.num_replicas)
     return RouterDeployment.options(ray_actor_options={"num_cpus": 0}).bind(replicas, overrides, controller)
 

@@ -22,6 +22,7 @@ app = typer.Typer(
 COMMAND_MODULES = (
     "lorafleet.cluster.cli_models",
     "lorafleet.cluster.cli_adapters",
+    "lorafleet.cluster.cli_keys",
     "lorafleet.cluster.cli_bench",
     "lorafleet.cluster.cli_placement",
     "lorafleet.cluster.cli_serve",

@@ -143,7 +143,7 @@ def show_cmd(
 ) -> None:
     """Everything the registry knows about one adapter version."""
     store = _open_store()
-    record = store.current(adapter_id) if version is None else store.registry.get_version(adapter_id, version)
+    record = store.current(adapter_id) if version is None else store.get_version(adapter_id, version)
     summary = record.summary()
     if as_json:
         typer.echo(json.dumps(summary))

@@ -56,7 +56,15 @@ class Settings(BaseSettings):
     # router: auth and limits (README "Auth and limits")
     api_keys: dict[str, str | list[str]] = {}  # key -> "*" or [adapter ids]; JSON in LORAFLEET_API_KEYS
     admin_key: str | None = None  # adapter writes and rebalance; no keys at all = open
+    # Also the keys of the Redis hash `{redis_prefix}:api_keys` (`lorafleet keys add`), re-read every refresh.
+    api_keys_from_redis: bool = False
+    api_keys_refresh_s: float = Field(default=5.0, gt=0)
     max_inflight_requests: int = Field(default=256, ge=1)
+    # Backpressure below the router: each replica runs up to max_num_seqs and queues up to
+    # replica_max_queued_requests more in its engine; requests for which no replica has room wait at the router
+    # in a queue of at most max_queued_requests (per router process); past either bound: 429 + Retry-After.
+    replica_max_queued_requests: int = Field(default=64, ge=0)
+    max_queued_requests: int = Field(default=256, ge=1)  # Serve counts requests not yet assigned: room for bursts
     request_timeout_s: float = Field(default=600.0, gt=0)
     max_tokens_limit: int = Field(default=4096, ge=1)
     max_prompt_chars: int = Field(default=200_000, ge=1)

@@ -2,7 +2,9 @@
 
 Keys under `{prefix}:adapters:` — registry (hash id → current record JSON), versions:{id} (hash version →
 record JSON), seq:{id} (last allocated version), deleted (hash id → tombstone JSON), refs:{sha256} (set of
-'id@version' using a blob), purging (zset sha256 → time), epoch (purge counter); channel `events`.
+'id@version' using a blob), purging (zset sha256 → time), epoch (purge counter), marker (present while the
+registry is known complete, see `registry_recovery`), recovery_lock (held by the process rebuilding it),
+rebuilt (present for a few seconds after a rebuild); channel `events`.
 Per-adapter demand counters live beside it in `lorafleet.infra.demand` under the same prefix.
 """
 
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from lorafleet.infra import registry_lua
@@ -25,6 +29,10 @@ class PurgeRace(Exception):
     """A purge may have deleted blobs this push relies on; write the blobs again and retry the register."""
 
 
+class RegistryLost(Exception):
+    """The registry has no marker (Redis restarted empty): rebuild it from the object store, then retry."""
+
+
 class Registry:
     """Atomic registry operations (one Lua script each) on a redis-py client (binary replies)."""
 
@@ -38,11 +46,18 @@ class Registry:
         self.epoch_key = f"{self.base}:epoch"
         self.purging_key = f"{self.base}:purging"
         self.refs_prefix = f"{self.base}:refs:"
+        self.marker_key = f"{self.base}:marker"
+        self.lock_key = f"{self.base}:recovery_lock"
+        self.rebuilt_key = f"{self.base}:rebuilt"
+        self.num_unreachable = 0  # calls that found Redis unreachable
         self._allocate = client.register_script(registry_lua.ALLOCATE)
         self._register = client.register_script(registry_lua.REGISTER)
         self._remove = client.register_script(registry_lua.REMOVE)
         self._begin_purge = client.register_script(registry_lua.BEGIN_PURGE)
         self._restore = client.register_script(registry_lua.RESTORE)
+        self._finish_recovery = client.register_script(registry_lua.FINISH_RECOVERY)
+        self._keep_lock = client.register_script(registry_lua.KEEP_LOCK)
+        self._release_lock = client.register_script(registry_lua.RELEASE_LOCK)
 
     def versions_key(self, adapter_id: str) -> str:
         return f"{self.base}:versions:{adapter_id}"
@@ -50,8 +65,14 @@ class Registry:
     def seq_key(self, adapter_id: str) -> str:
         return f"{self.base}:seq:{adapter_id}"
 
-    def _guard(self, what: str):
-        return unavailable_as_error(self.redis, f"adapter registry ({what})")
+    @contextmanager
+    def _guard(self, what: str) -> Iterator[None]:
+        try:
+            with unavailable_as_error(self.redis, f"adapter registry ({what})"):
+                yield
+        except StoreUnavailable:
+            self.num_unreachable += 1  # Redis may come back empty: recovery checks the marker at the next miss
+            raise
 
     # --- push -----------------------------------------------------------------------------------------
     def allocate_version(self, adapter_id: str, floor: int = 0) -> int:
@@ -68,16 +89,19 @@ class Registry:
     def register(self, record: VersionRecord, epoch: bytes) -> None:
         """Make `record` the current version (atomic with its history entry, blob refs and 'updated' event).
 
-        VersionConflict if a newer version (or a delete of one) got there first; PurgeRace to retry.
+        VersionConflict if a newer version (or a delete of one) got there first; PurgeRace to retry;
+        RegistryLost if the registry has no marker (a version registered into a lost registry would hide the loss).
         """
         event = json.dumps({"event": "updated", "adapter_id": record.adapter_id, "version": record.version})
         shas = sorted({sha for sha, _ in record.files.values()})
         keys = [self.registry_key, self.versions_key(record.adapter_id), self.deleted_key, self.epoch_key,
-                self.purging_key]
+                self.purging_key, self.marker_key]
         args = [record.adapter_id, record.version, record.to_json(), epoch, self.channel, event, time.time(),
                 PURGE_GRACE_S, self.refs_prefix, *shas]
         with self._guard(f"register '{record.adapter_id}'"):
             status, *detail = self._register(keys=keys, args=args)
+        if status == b"lost":
+            raise RegistryLost(f"adapter registry under '{self.prefix}' has no marker (Redis lost its data?)")
         if status == b"retry":
             raise PurgeRace(detail[0].decode())
         if status == b"conflict":
@@ -176,6 +200,34 @@ class Registry:
             args += [record.version, record.to_json()]
         with self._guard(f"restore '{adapter_id}'"):
             return self._restore(keys=keys, args=args).decode()
+
+    def marker_state(self) -> str:
+        """'lost' (no marker), 'rebuilt' (marker set by a rebuild in the last seconds) or 'intact'; one round
+        trip (two EXISTS). See `registry_recovery` for the rule."""
+        with self._guard("check the registry marker"):
+            has_marker, is_rebuilt = self.redis.pipeline(transaction=False).exists(self.marker_key).exists(
+                self.rebuilt_key).execute()
+        return "lost" if not has_marker else "rebuilt" if is_rebuilt else "intact"
+
+    def lock_recovery(self, token: str, ttl_s: float) -> bool:
+        """Take the cluster-wide rebuild lock (SET NX PX); False if another process holds it."""
+        with self._guard("take the registry recovery lock"):
+            return bool(self.redis.set(self.lock_key, token, nx=True, px=int(ttl_s * 1000)))
+
+    def keep_recovery_lock(self, token: str, ttl_s: float) -> bool:
+        with self._guard("extend the registry recovery lock"):
+            return bool(self._keep_lock(keys=[self.lock_key], args=[token, int(ttl_s * 1000)]))
+
+    def unlock_recovery(self, token: str) -> None:
+        with self._guard("release the registry recovery lock"):
+            self._release_lock(keys=[self.lock_key], args=[token])
+
+    def finish_recovery(self, token: str, note: str, rebuilt_s: float = 0.0) -> bool:
+        """Set the marker (and 'rebuilt' for rebuilt_s) and release the lock, if `token` still holds it;
+        False (nothing written) if not."""
+        keys = [self.lock_key, self.marker_key, self.rebuilt_key]
+        with self._guard("mark the registry complete"):
+            return bool(self._finish_recovery(keys=keys, args=[token, note, int(rebuilt_s * 1000)]))
 
     def ping(self) -> None:
         with self._guard("ping"):

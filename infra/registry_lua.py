@@ -14,10 +14,12 @@ end
 return v
 """
 
-# KEYS: registry, versions, deleted, epoch, purging. ARGV: id, version, record, epoch seen before the blobs
-# were written, channel, event, now, purge grace seconds, refs key prefix, sha256...
-# Returns {'ok'} | {'retry', why} (a purge may have deleted our blobs) | {'conflict', newer version}.
+# KEYS: registry, versions, deleted, epoch, purging, marker. ARGV: id, version, record, epoch seen before the
+# blobs were written, channel, event, now, purge grace seconds, refs key prefix, sha256...
+# Returns {'ok'} | {'lost'} (no marker: Redis lost the registry, rebuild it first) | {'retry', why} (a purge may
+# have deleted our blobs) | {'conflict', newer version}.
 REGISTER = """
+if redis.call('EXISTS', KEYS[6]) == 0 then return {'lost'} end
 local epoch = redis.call('GET', KEYS[4]) or '0'
 if epoch ~= ARGV[4] then return {'retry', 'a purge ran while the blobs were written'} end
 local fresh = tonumber(ARGV[7]) - tonumber(ARGV[8])
@@ -118,4 +120,27 @@ end
 redis.call('HDEL', KEYS[1], ARGV[1])
 if tomb then redis.call('HSET', KEYS[3], ARGV[1], tomb) end
 return 'deleted'
+"""
+
+# KEYS: recovery lock, marker, rebuilt. ARGV: token, marker value, ms to keep 'rebuilt'. Marks the registry
+# complete only if this caller still holds the lock: a Redis restart during the rebuild drops the lock, so a
+# half-rebuilt registry is never marked. 'rebuilt' tells lookups that missed during the rebuild to look again.
+FINISH_RECOVERY = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2])
+if tonumber(ARGV[3]) > 0 then redis.call('SET', KEYS[3], '1', 'PX', ARGV[3]) end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+# KEYS: recovery lock. ARGV: token, ttl ms. Extends the lock if this caller holds it; 1 if it did.
+KEEP_LOCK = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+"""
+
+# KEYS: recovery lock. ARGV: token. Releases the lock if this caller holds it.
+RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])
 """

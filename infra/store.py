@@ -1,7 +1,8 @@
 """AdapterStore: push (validate → blobs → register → publish), read, list, remove and reindex adapters.
 
 The object store is the source of truth (blobs + one manifest per registered version + tombstones); Redis
-holds the registry, the hot blob cache and the events, and can be rebuilt from the object store (reindex).
+holds the registry, the hot blob cache and the events. A registry Redis lost is rebuilt from the object store
+on the next miss (`registry_recovery`), or by hand (reindex).
 """
 
 from __future__ import annotations
@@ -11,25 +12,25 @@ import getpass
 import hashlib
 import json
 import logging
-import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from lorafleet.infra.errors import (
     AdapterCorrupt,
+    AdapterNotFound,
     AdapterTooLarge,
     InvalidAdapter,
-    InvalidAdapterId,
     ObjectNotFound,
     StoreUnavailable,
 )
 from lorafleet.infra.hot_cache import HotCache
 from lorafleet.infra.object_store import ObjectStore, manifest_key, open_object_store
 from lorafleet.infra.redis_conn import connect
-from lorafleet.infra.registry import PurgeRace, Registry
-from lorafleet.infra.version_record import BUNDLE_FILES, VersionRecord, check_adapter_id
+from lorafleet.infra.registry import PurgeRace, Registry, RegistryLost
+from lorafleet.infra.registry_recovery import TOMBSTONE, RegistryRecovery, manifest_name, manifest_version
+from lorafleet.infra.version_record import BUNDLE_FILES, VersionRecord
 
 if TYPE_CHECKING:
     from lorafleet.infra.adapter_source import FetchedAdapter
@@ -40,18 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_PUSH_ATTEMPTS = 20
-TOMBSTONE = "tombstone.json"
-_MANIFEST_NAME = re.compile(r"(\d{10})\.json")
-
-
-def manifest_name(version: int) -> str:
-    return f"{version:010d}.json"  # zero-padded: key order is version order
-
-
-def manifest_version(key: str) -> int | None:
-    """The version a manifest key names, None for a tombstone or a foreign file."""
-    match = _MANIFEST_NAME.fullmatch(key.rsplit("/", 1)[-1])
-    return int(match[1]) if match else None
+T = TypeVar("T")
 
 
 def read_verified_blob(
@@ -87,6 +77,7 @@ class AdapterStore:
         self.redis = redis_client
         self.prefix = prefix
         self.registry = Registry(redis_client, prefix)
+        self.recovery = RegistryRecovery(self.registry, objects)
         self.hot = HotCache(redis_client, prefix, hot_cache_max_bytes)
         self.host_cache_max_bytes = host_cache_max_bytes
         self.max_rank = max_rank
@@ -157,12 +148,15 @@ class AdapterStore:
             except PurgeRace as race:
                 log.info("push '%s' v%d: %s; retrying", adapter_id, version, race)
                 time.sleep(min(0.01 * 2**attempt, 0.5))
+            except RegistryLost:  # Redis restarted empty since _allocate_version: rebuild, then register
+                self.recovery.ensure(is_push=True)
         else:
             raise StoreUnavailable(f"push '{adapter_id}': purges kept deleting its blobs; try again")
         self._write_manifest(record)
         return record
 
     def _allocate_version(self, adapter_id: str) -> int:
+        self.recovery.ensure(is_push=True)  # a lost registry is rebuilt first: numbering continues from manifests
         version = self.registry.allocate_version(adapter_id)
         if version == 1:  # a fresh counter: Redis may have lost it, so never reuse a number the store holds
             held = [manifest_version(k) or 0 for k in self.objects.list(manifest_key(adapter_id, ""))]
@@ -185,23 +179,38 @@ class AdapterStore:
                 time.sleep(0.1)
 
     # --- read -----------------------------------------------------------------------------------------
+    def _read(self, read: Callable[..., T], *args: Any) -> T:
+        """read(*args), read again after an AdapterNotFound if the registry turned out lost and was rebuilt."""
+        try:
+            return read(*args)
+        except AdapterNotFound:
+            if not self.recovery.recover_if_lost():
+                raise
+        return read(*args)
+
     def current(self, adapter_id: str) -> VersionRecord:
-        return self.registry.current(adapter_id)
+        return self._read(self.registry.current, adapter_id)
+
+    def get_version(self, adapter_id: str, version: int) -> VersionRecord:
+        return self._read(self.registry.get_version, adapter_id, version)
 
     def list_current(self) -> list[VersionRecord]:
-        return self.registry.list_current()
+        records = self.registry.list_current()
+        if not records and self.recovery.recover_if_lost():
+            records = self.registry.list_current()
+        return records
 
     def list_removed(self) -> dict[str, dict]:
         return self.registry.list_removed()
 
     def versions(self, adapter_id: str) -> list[VersionRecord]:
-        return self.registry.versions(adapter_id)
+        return self._read(self.registry.versions, adapter_id)
 
     def get(self, adapter_id: str, version: int | None = None) -> FetchedAdapter:
         """Files of the current (or a given) version straight from the object store, hash-verified."""
         from lorafleet.infra.adapter_source import FetchedAdapter
 
-        record = self.current(adapter_id) if version is None else self.registry.get_version(adapter_id, version)
+        record = self.current(adapter_id) if version is None else self.get_version(adapter_id, version)
         files = {name: read_verified_blob(self.objects, record, name) for name in BUNDLE_FILES}
         return FetchedAdapter(adapter_id, str(record.version), files)
 
@@ -227,7 +236,7 @@ class AdapterStore:
         the blobs no other version uses. Returns what was done."""
         if purge:
             return self._purge(adapter_id)
-        current = self.registry.current(adapter_id)
+        current = self.current(adapter_id)
         tomb_key = manifest_key(adapter_id, TOMBSTONE)
         # Tombstone first: if Redis is lost later, reindex must not bring the adapter back.
         self.objects.put(tomb_key, json.dumps({"version": current.version, "deleted": time.time()}).encode())
@@ -242,7 +251,7 @@ class AdapterStore:
         return {"adapter_id": adapter_id, "removed_version": tomb["version"], "purged": False, "num_blobs_deleted": 0}
 
     def _purge(self, adapter_id: str) -> dict:
-        self.registry.versions(adapter_id)  # AdapterNotFound before touching the object store
+        self.versions(adapter_id)  # AdapterNotFound before touching the object store
         manifests = self.objects.list(manifest_key(adapter_id, ""))
         for key in manifests:  # manifests first: a purge cut short must not be undone by reindex
             self.objects.delete(key)
@@ -259,27 +268,10 @@ class AdapterStore:
         return {"adapter_id": adapter_id, "removed_version": None, "purged": True, "num_blobs_deleted": len(freed)}
 
     def reindex(self) -> dict[str, int]:
-        """Rebuild lost registry entries from the object store's manifests (e.g. after Redis lost its data).
-
-        Idempotent; returns how many adapters are live / deleted afterwards and how many versions were read."""
-        by_id: dict[str, dict[str, list[str]]] = {}
-        for key in self.objects.list("manifests/"):
-            _, adapter_id, name = key.split("/", 2)
-            kind = "tombstone" if name == TOMBSTONE else "versions" if manifest_version(key) else None
-            if kind is not None:
-                by_id.setdefault(adapter_id, {"versions": [], "tombstone": []})[kind].append(key)
-        counts = {"live": 0, "deleted": 0, "num_versions": 0}
-        for adapter_id, keys in sorted(by_id.items()):
-            try:
-                check_adapter_id(adapter_id)
-            except InvalidAdapterId:
-                log.warning("reindex: skipping %s (not an adapter id)", manifest_key(adapter_id, ""))
-                continue
-            records = [VersionRecord.from_json(self.objects.get(k)) for k in keys["versions"]]
-            tomb = json.loads(self.objects.get(keys["tombstone"][0])) if keys["tombstone"] else None
-            counts[self.registry.restore(adapter_id, records, tomb)] += 1
-            counts["num_versions"] += len(records)
-        return counts
+        """Rebuild lost registry entries from the object store's manifests. Runs by itself after Redis restarts
+        empty (on the next miss, see `registry_recovery`); this is the same rebuild by hand. Idempotent; returns
+        how many adapters are live / deleted afterwards and how many versions were read."""
+        return self.recovery.reindex()
 
 
 def _default_owner() -> str:

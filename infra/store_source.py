@@ -120,7 +120,7 @@ class StoreSource:
         if time.monotonic() < self._registry_down_until:
             raise StoreUnavailable(self._registry_error)
         try:
-            return self.store.registry.current(adapter_id)
+            return self.store.current(adapter_id)  # rebuilds a registry Redis lost (registry_recovery)
         except StoreUnavailable as exc:
             self._registry_error = str(exc)
             self._registry_down_until = time.monotonic() + REGISTRY_RETRY_S

@@ -12,9 +12,10 @@ from typing import Any
 
 from ray import serve
 
-from lorafleet.infra.errors import LoRAFleetError
+from lorafleet.infra.errors import LoRAFleetError, Overloaded
 from lorafleet.replicas.engine import Engine
 from lorafleet.replicas.sampling_params import SamplingParams
+from lorafleet.replicas.token_logprobs import TokenLogprobs
 
 logger = logging.getLogger("lorafleet.replica")
 TOKENS_PER_S_WINDOW_S = 10.0
@@ -60,12 +61,13 @@ class ReplicaServer:
     """One engine behind Ray Serve (plain class: tests drive it without Ray).
 
     `generate(request)` yields dicts: {"text", "token_ids", "finished", "finish_reason", "prompt_tokens",
-    "completion_tokens", "ttft_s", "adapter_state"} or, for a failed request, {"error": {"status", "code",
+    "completion_tokens", "ttft_s", "adapter_state", "logprobs" (TokenLogprobs entries of the new tokens, None
+    unless request["logprobs"] = k)} or, for a failed request, {"error": {"status", "code",
     "message"}} — errors travel as data so the router answers with the right HTTP status.
     """
 
     def __init__(self, model_dir: str, engine_kwargs: dict | None = None, settings: dict | None = None,
-                 use_store: bool = True) -> None:
+                 use_store: bool = True, max_queued_requests: int | None = None) -> None:
         source, counters = None, None
         if use_store:
             from lorafleet.infra.config import load_settings
@@ -83,6 +85,11 @@ class ReplicaServer:
         self.rank: int | None = None
         self._token_times: deque[tuple[float, int]] = deque()
         self._num_inflight = 0
+        # Bounded queue: max_num_seqs running plus max_queued_requests waiting in the engine; the next request is
+        # refused at once (429) rather than queued without bound. None = no bound (Serve's max_ongoing_requests
+        # sets the same bound in front of the replica; this holds it without Ray too).
+        self.max_inflight = (None if max_queued_requests is None
+                             else self.engine.config.max_num_seqs + max_queued_requests)
 
     @staticmethod
     def _params(request: dict) -> SamplingParams:
@@ -102,6 +109,11 @@ class ReplicaServer:
 
     async def generate(self, request: dict) -> AsyncIterator[dict]:
         adapter_id = request.get("adapter_id")
+        if self.max_inflight is not None and self._num_inflight >= self.max_inflight:
+            message = (f"replica {self.rank} is full ({self._num_inflight} requests running or queued, the limit is "
+                       f"max_num_seqs + replica_max_queued_requests = {self.max_inflight}); retry later")
+            yield {"error": {"status": Overloaded.http_status, "code": Overloaded.code, "message": message}}
+            return
         start = time.monotonic()
         state = self.adapter_state(adapter_id)
         first = True
@@ -109,12 +121,14 @@ class ReplicaServer:
         try:
             params = self._params(request)
             prompt = self._prompt(request)
+            logprobs = TokenLogprobs(self.engine.tokenizer, self.engine.eos_token_ids, params)
             async for out in self.engine.stream(prompt, params, adapter_id, request.get("request_id")):
                 self._count_tokens(len(out.new_token_ids))
                 item = {
                     "text": out.new_text, "token_ids": out.new_token_ids, "finished": out.finished,
                     "finish_reason": out.finish_reason, "prompt_tokens": len(out.prompt_token_ids),
                     "completion_tokens": len(out.token_ids), "adapter_state": state,
+                    "logprobs": logprobs.new_entries(out),
                 }
                 if first:  # the router's metrics: where the adapter was, and this replica's load
                     item |= {"ttft_s": time.monotonic() - start, "replica_rank": self.rank,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -14,12 +15,20 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
 from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError
 
-from lorafleet.infra.errors import AdapterNotFound, AdapterTooLarge, ReplicaUnavailable, StoreUnavailable
-from lorafleet.router.auth import ApiKeys, AuthMiddleware, Tenant, tenant_of
+from lorafleet.infra.errors import (
+    AdapterNotFound,
+    AdapterTooLarge,
+    Overloaded,
+    ReplicaUnavailable,
+    StoreUnavailable,
+)
+from lorafleet.router.auth import AuthMiddleware, Tenant, api_keys_from_settings, tenant_of
 from lorafleet.router.core import RouterConfig, RouterCore
 from lorafleet.router.errors import install_error_handlers
 from lorafleet.router.limits import BodySizeLimit
+from lorafleet.router.metrics import RequestCounter
 from lorafleet.router.schemas import ChatCompletionRequest, CompletionRequest, ModelList
 
 logger = logging.getLogger("lorafleet.router")
@@ -45,31 +54,25 @@ def create_app(get_core: Callable[[], RouterCore]) -> FastAPI:
                   description="OpenAI-compatible serving of many adapters of one base model.")
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, get_limit=lambda method, path: _body_limit(get_core(), method, path))
-    app.add_middleware(AuthMiddleware, get_keys=lambda: get_core().auth)  # added last: runs first
+    app.add_middleware(AuthMiddleware, get_keys=lambda: get_core().auth)
+    app.add_middleware(RequestCounter, get_metrics=lambda: get_core().metrics)  # added last: runs first
 
-    async def generate(req: CompletionRequest | ChatCompletionRequest, endpoint: str, tenant: Tenant) -> Response:
+    async def generate(req: CompletionRequest | ChatCompletionRequest, tenant: Tenant) -> Response:
         core = get_core()
-        try:
-            if req.stream:
-                lines = await core.prepare_stream(req, tenant)
-                response: Response = ClosingStreamingResponse(lines, media_type="text/event-stream")
-            else:
-                body, replica = await core.complete(req, tenant)
-                headers = {REPLICA_HEADER: str(replica)} if replica is not None else None
-                response = JSONResponse(body.model_dump(), headers=headers)
-        except Exception as exc:
-            core.metrics.requests.labels(endpoint, str(getattr(exc, "http_status", 500))).inc()
-            raise
-        core.metrics.requests.labels(endpoint, "200").inc()
-        return response
+        if req.stream:
+            lines = await core.prepare_stream(req, tenant)
+            return ClosingStreamingResponse(lines, media_type="text/event-stream")
+        body, replica = await core.complete(req, tenant)
+        headers = {REPLICA_HEADER: str(replica)} if replica is not None else None
+        return JSONResponse(body.model_dump(), headers=headers)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Response:
-        return await generate(req, "completions", tenant_of(request))
+        return await generate(req, tenant_of(request))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
-        return await generate(req, "chat", tenant_of(request))
+        return await generate(req, tenant_of(request))
 
     @app.get("/v1/models", response_model=ModelList)
     async def models(request: Request) -> ModelList:
@@ -188,15 +191,23 @@ class ServeBackend:
 
     async def stream(self, request: dict, adapter_id: str | None) -> AsyncIterator[dict]:
         handle = self.handle.options(stream=True, multiplexed_model_id=adapter_id or "")
-        responses = handle.stream.remote(request)
+        responses = None
         try:
+            responses = handle.stream.remote(request)   # may refuse at once (BackPressureError): inside the try
             async for item in responses:
                 yield item
+        except BackPressureError as exc:  # every replica is full and the handle queue is at max_queued_requests
+            raise Overloaded(f"all replicas are busy and {exc.args[0]} requests are queued (max_queued_requests is "
+                             f"{exc.args[1]}); retry later") from None
         except RayActorError as exc:  # the replica died (or is unreachable) under this request: 503, not 500
             raise ReplicaUnavailable(f"the replica serving this request is gone ({exc.__class__.__name__}); "
                                      "retry") from None
         finally:
-            responses.cancel()  # closed early (client gone, timeout): cancel on the replica, which aborts there
+            if responses is not None:
+                # Closed early (client gone, timeout): cancel on the replica, which aborts there. cancel() re-raises
+                # a failed assignment's error (BackPressureError), already answered above: nothing left to cancel.
+                with contextlib.suppress(Exception):
+                    responses.cancel()
 
 
 def router_config(cfg: Any) -> RouterConfig:
@@ -237,7 +248,7 @@ class RouterDeployment:
         cfg = load_settings(**(settings or {}))
         store = AdapterStore.from_settings(cfg, base=cfg.model_dir)
         install_core(RouterCore(ServeBackend(replica_handle), router_config(cfg), store, controller=controller,
-                                auth=ApiKeys(cfg.api_keys, cfg.admin_key)))
+                                auth=api_keys_from_settings(cfg)))
 
 
 @serve.deployment(name="placement", num_replicas=1, ray_actor_options={"num_cpus": 0})

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from lorafleet.infra.adapter_ids import is_valid_adapter_id
-from lorafleet.infra.errors import AdapterNotFound, LoRAFleetError, StoreUnavailable
+from lorafleet.infra.errors import AdapterNotFound, LoRAFleetError, Overloaded, StoreUnavailable
 from lorafleet.router.auth import OPEN, ApiKeys, Tenant
 from lorafleet.router.limits import InflightLimiter, RequestTimeout
 from lorafleet.router.metrics import RouterMetrics
@@ -25,7 +25,9 @@ from lorafleet.router.schemas import (
     ChatChoiceMessage,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatLogprobs,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     ModelCard,
@@ -111,6 +113,13 @@ class RouterCore:
                 pass  # registry down: let the replica try (it may hold the adapter)
         return adapter_id
 
+    async def _resolve(self, model: str, tenant: Tenant) -> str | None:
+        """resolve_model off the event loop when it asks the registry (a Redis round trip; after a Redis loss, the
+        registry's rebuild from the object store), so one slow lookup does not stall every stream."""
+        if self.store is None:
+            return self.resolve_model(model, tenant)
+        return await asyncio.to_thread(self.resolve_model, model, tenant)
+
     def list_models(self, tenant: Tenant = OPEN) -> ModelList:
         base = self.config.base_model_name
         cards = [ModelCard(id=base, root=base)]
@@ -141,6 +150,7 @@ class RouterCore:
         request = {
             "adapter_id": adapter_id, "max_tokens": max_tokens, "temperature": req.temperature,
             "top_p": req.top_p, "seed": req.seed, "stop": req.stop, "request_id": new_id("req"),
+            "logprobs": req.num_logprobs,
         }
         if isinstance(req, ChatCompletionRequest):
             request["messages"] = [m.model_dump() for m in req.messages]
@@ -171,6 +181,8 @@ class RouterCore:
                                          "(request_timeout_s); the generation was aborted") from None
                 if "error" in item:
                     err = item["error"]
+                    if int(err["status"]) == Overloaded.http_status:   # a full replica: 429 with Retry-After
+                        raise Overloaded(err["message"])
                     raise ReplicaError(int(err["status"]), err["code"], err["message"])
                 now = time.monotonic()
                 if first is None:
@@ -198,29 +210,33 @@ class RouterCore:
     async def complete(self, req: CompletionRequest | ChatCompletionRequest, tenant: Tenant = OPEN
                        ) -> tuple[CompletionResponse | ChatCompletionResponse, int | None]:
         """The whole answer, and the rank of the replica that served it."""
-        adapter_id = self.resolve_model(req.model, tenant)
+        adapter_id = await self._resolve(req.model, tenant)
         request = self._replica_request(req, adapter_id)
         text, finish, usage = [], None, Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
-        replica = None
+        replica, entries = None, list[dict]()
         async with aclosing(self._items(request, adapter_id)) as items:   # release the slot on any exit
             async for item in items:
                 text.append(item["text"])
+                entries += item.get("logprobs") or []
                 finish = item.get("finish_reason") or finish
                 usage = _usage(item)
                 replica = item.get("replica_rank", replica)
         if isinstance(req, ChatCompletionRequest):
             message = ChatChoiceMessage(content="".join(text))
-            choices = [ChatChoice(message=message, finish_reason=finish)]
+            chat_logprobs = None if req.num_logprobs is None else ChatLogprobs.from_entries(entries)
+            choices = [ChatChoice(message=message, finish_reason=finish, logprobs=chat_logprobs)]
             return ChatCompletionResponse(model=req.model, choices=choices, usage=usage), replica
         prompt = req.prompt if req.echo and isinstance(req.prompt, str) else ""
-        choices = [CompletionChoice(text=prompt + "".join(text), finish_reason=finish)]
+        # With echo, only the completion's tokens have logprobs (no prompt logprobs); offsets count the prompt.
+        logprobs = None if req.num_logprobs is None else CompletionLogprobs.from_entries(entries, len(prompt))
+        choices = [CompletionChoice(text=prompt + "".join(text), finish_reason=finish, logprobs=logprobs)]
         return CompletionResponse(model=req.model, usage=usage, choices=choices), replica
 
     async def prepare_stream(self, req: CompletionRequest | ChatCompletionRequest, tenant: Tenant = OPEN
                              ) -> AsyncIterator[str]:
         """Resolve and start the request (errors raise here, before any HTTP status is sent), then SSE lines.
         Closing the returned iterator closes the replica stream (the generation is aborted)."""
-        adapter_id = self.resolve_model(req.model, tenant)
+        adapter_id = await self._resolve(req.model, tenant)
         items = self._items(self._replica_request(req, adapter_id), adapter_id)
         try:
             first = await items.__anext__()
@@ -235,16 +251,25 @@ class RouterCore:
                    items: AsyncIterator[dict]) -> AsyncIterator[str]:
         is_chat = isinstance(req, ChatCompletionRequest)
         stream_id, created = new_id("chatcmpl" if is_chat else "cmpl"), int(time.time())
+        text_offset = 0   # completions: where the next chunk's first token starts in the whole text
 
         def chunk(item: dict) -> str:
+            nonlocal text_offset
             finish = item.get("finish_reason")
+            entries = item.get("logprobs") or []
+            logprobs = None
             if is_chat:
+                if req.num_logprobs is not None:
+                    logprobs = ChatLogprobs.from_entries(entries).model_dump()
                 choice = {"index": 0, "delta": {"role": "assistant", "content": item["text"]},
-                          "finish_reason": finish}
+                          "logprobs": logprobs, "finish_reason": finish}
                 body = {"id": stream_id, "object": "chat.completion.chunk", "created": created,
                         "model": req.model, "choices": [choice]}
             else:
-                choice = {"index": 0, "text": item["text"], "finish_reason": finish, "logprobs": None}
+                if req.num_logprobs is not None:
+                    logprobs = CompletionLogprobs.from_entries(entries, text_offset).model_dump()
+                    text_offset += sum(len(e["token"]) for e in entries)
+                choice = {"index": 0, "text": item["text"], "finish_reason": finish, "logprobs": logprobs}
                 body = {"id": stream_id, "object": "text_completion", "created": created, "model": req.model,
                         "choices": [choice]}
             if item.get("finished"):

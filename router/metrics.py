@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -42,3 +46,46 @@ class RouterMetrics:
                 self.residency.labels(replica, tier).set(info[f"num_{tier}"])
         if "queue_len" in info:
             self.queue.labels(replica).set(info["queue_len"])
+
+
+# Endpoint label of a /v1/ path: its first two segments (the adapter id in /v1/adapters/{id} is not a label).
+_ENDPOINTS = {"completions": "completions", "chat": "chat", "models": "models", "adapters": "adapters",
+              "placement": "placement"}
+
+
+def endpoint_label(path: str) -> str:
+    """'completions', 'chat', 'models', 'adapters', 'placement' or 'other' (bounded label values)."""
+    parts = path.split("/")
+    return _ENDPOINTS.get(parts[2], "other") if len(parts) > 2 else "other"
+
+
+class RequestCounter:
+    """ASGI, outermost: counts every /v1/ response by endpoint and status in `lorafleet_requests_total`, so the
+    401s of the auth middleware, the 413s of the size gate and the 400s of validation count as well as the
+    generations. A response that never started counts as 499 when the client went away first (nginx's
+    code), else 500."""
+
+    def __init__(self, app: Any, get_metrics: Callable[[], RouterMetrics]) -> None:
+        self.app, self.get_metrics = app, get_metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        status: int | None = None
+        cancelled = False
+
+        async def counted_send(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted_send)
+        except asyncio.CancelledError:   # the client went away before an answer started
+            cancelled = True
+            raise
+        finally:
+            label = str(status) if status is not None else "499" if cancelled else "500"
+            self.get_metrics().requests.labels(endpoint_label(scope["path"]), label).inc()

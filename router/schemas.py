@@ -6,9 +6,10 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_STOP_STRINGS = 64  # hard ceiling at parse time; the configured limit (max_stop_strings) is checked later
+MAX_LOGPROBS = 20  # top tokens per position, as vLLM's default max_logprobs and OpenAI's top_logprobs cap
 
 
 class _Request(BaseModel):
@@ -23,7 +24,6 @@ class _Request(BaseModel):
     stream: bool = False
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    logprobs: bool | int | None = None
 
     @field_validator("stop")
     @classmethod
@@ -48,6 +48,14 @@ def _unicode_text(value: str) -> str:
 class CompletionRequest(_Request):
     prompt: str | list[int] = Field(min_length=1)
     echo: bool = False
+    # k: the sampled token's logprob and the k most likely tokens' at each generated position. With echo, vLLM
+    # also returns the prompt's logprobs; LoRAFleet returns those of the completion only.
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Top tokens per position the replica reports (None = no logprobs)."""
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -70,6 +78,20 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Top tokens per position the replica reports (None = no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class Usage(BaseModel):
@@ -82,11 +104,39 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
+class CompletionLogprobs(BaseModel):
+    """Legacy completions logprobs: per generated token its text, logprob, top tokens and offset in the text."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]   # the k most likely tokens and the sampled one (vLLM: up to k + 1)
+    text_offset: list[int]
+
+    @classmethod
+    def from_entries(cls, entries: list[dict], offset: int = 0) -> CompletionLogprobs:
+        """From the replica's TokenLogprobs entries; `offset`: where the first token starts in the text."""
+        tokens = [e["token"] for e in entries]
+        offsets = []
+        for token in tokens:
+            offsets.append(offset)
+            offset += len(token)
+        top = []
+        for e in entries:
+            # Two ids may decode alike: the sampled token keeps its own entry, else the likelier one stays.
+            pairs = [(e["token"], e["logprob"]), *((t, lp) for t, lp in e["top"] if t != e["token"])]
+            ranked: dict[str, float] = {}
+            for token, logprob in sorted(pairs, key=lambda pair: pair[1], reverse=True):
+                ranked.setdefault(token, logprob)
+            top.append(ranked)
+        return cls(tokens=tokens, token_logprobs=[e["logprob"] for e in entries], top_logprobs=top,
+                   text_offset=offsets)
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str | None = None
-    logprobs: dict | None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -103,10 +153,34 @@ class ChatChoiceMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None   # the token's UTF-8 bytes (vLLM: of its decoded text)
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]   # the k most likely tokens, most likely first
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+
+    @classmethod
+    def from_entries(cls, entries: list[dict]) -> ChatLogprobs:
+        """From the replica's TokenLogprobs entries."""
+        def top(token: str, logprob: float) -> TopLogprob:
+            return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode()))
+
+        return cls(content=[ChatTokenLogprob(**top(e["token"], e["logprob"]).model_dump(),
+                                             top_logprobs=[top(t, lp) for t, lp in e["top"]]) for e in entries])
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatChoiceMessage
     finish_reason: str | None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import socket
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
+ERROR_KEYS = {"message", "type", "param", "code"}  # OpenAI's error body
 
 
 def free_port() -> int:
@@ -37,3 +39,30 @@ def store_less_replica(model_dir, adapter_dirs: dict, engine_kwargs: dict):
     for name, path in adapter_dirs.items():
         server.engine.load_adapter(name, path)
     return server
+
+
+def sse_events(client, path: str, body: dict) -> list[dict | str]:
+    """POST with stream=true; the parsed `data:` events ("[DONE]" kept as a string)."""
+    with client.stream("POST", path, json=body | {"stream": True}) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = response.read().decode()
+    assert "Traceback" not in raw
+    blocks = [b for b in raw.split("\n\n") if b]
+    assert all(b.startswith("data: ") for b in blocks), raw
+    return [b[len("data: "):] if b == "data: [DONE]" else json.loads(b[len("data: "):]) for b in blocks]
+
+
+def assert_openai_error(response, status: int, error_type: str | None = None) -> dict:
+    """The body's `error` after checking OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+    assert response.status_code == status, response.text
+    assert "Traceback" not in response.text and 'File "' not in response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS, body
+    error = body["error"]
+    assert isinstance(error["message"], str) and error["message"]
+    assert error["param"] is None or isinstance(error["param"], str)
+    assert error["code"] is None or isinstance(error["code"], str)
+    if error_type is not None:
+        assert error["type"] == error_type, error
+    return error

@@ -28,6 +28,10 @@ LOAD_IDS = [None, *ADAPTER_IDS[:8]]  # used by the kill and Redis tests; ADAPTER
 COLD_ID = ADAPTER_IDS[-1]
 MAX_TOKENS = 8
 FAULT_COUNTS: dict[str, dict[str, int]] = {}  # printed at the end (-s) and quoted in docs/reliability.md
+# Small bounds so 10x the capacity is a modest burst: capacity = 2 replicas x max_num_seqs running at once.
+OVERLOAD = {"max_num_seqs": 4, "replica_max_queued_requests": 4, "max_queued_requests": 24,
+            "max_inflight_requests": 64}
+CAPACITY = 2 * OVERLOAD["max_num_seqs"]
 
 
 def _free_port() -> int:
@@ -86,8 +90,10 @@ def served(tmp_path_factory):
     settings = load_settings(
         model_dir=str(model_dir), store_url=str(root / "store"), redis_url=server.url,
         redis_prefix=f"lffault-{uuid.uuid4().hex[:8]}", num_replicas=2, http_port=_free_port(),
-        base_model_name="tiny", max_num_seqs=16, max_batched_tokens=512, kv_cache_bytes=32 << 20, max_adapters=8,
-        max_rank=64, rebalance_period_s=3600.0,
+        base_model_name="tiny", max_num_seqs=OVERLOAD["max_num_seqs"], max_batched_tokens=512,
+        kv_cache_bytes=32 << 20, max_adapters=8, max_rank=64, rebalance_period_s=3600.0,
+        replica_max_queued_requests=OVERLOAD["replica_max_queued_requests"],
+        max_queued_requests=OVERLOAD["max_queued_requests"], max_inflight_requests=OVERLOAD["max_inflight_requests"],
     )
     store = AdapterStore.from_settings(settings)
     for adapter_id, path in adapters.items():
@@ -297,12 +303,13 @@ def test_redis_stopped_cached_adapters_serve_uploads_503_then_recover(served, of
     health = httpx.get(f"{url}/healthz", timeout=30)
     assert health.status_code == 200 and health.json() == {"status": "ok", "redis": "unavailable"}
 
-    server.start()  # same port, empty: no app restart; the registry is rebuilt by the operator's reindex
+    server.start()  # same port, empty: no app restart, no operator step; the first registry miss rebuilds it
     _wait_until(lambda: httpx.get(f"{url}/healthz", timeout=10).json()["redis"] == "ok", 60.0, "healthz ok")
-    lost = _complete(url, warm[0], PROMPTS[0])
-    assert lost.status_code in (200, 404), lost.text  # before reindex the router no longer knows the id
-    counts = store.reindex()
-    assert counts["live"] == len(ADAPTER_IDS), counts
+    restarted = time.monotonic()
+    first = _complete(url, warm[0], PROMPTS[0])
+    _assert_correct(first, offline_answers, warm[0], PROMPTS[0])  # the registry rebuilt itself
+    recovered_s = time.monotonic() - restarted
+    assert {r.adapter_id for r in store.list_current()} >= set(ADAPTER_IDS)
     for adapter_id in warm:
         _assert_correct(_complete(url, adapter_id, PROMPTS[2]), offline_answers, adapter_id, PROMPTS[2])
     new_id = LOAD_IDS[5]  # never used yet: fetched after the restart through the rebuilt registry
@@ -311,7 +318,8 @@ def test_redis_stopped_cached_adapters_serve_uploads_503_then_recover(served, of
     assert upload.status_code == 201, upload.text
     assert upload.json()["id"] == "fault-upload" and upload.json()["version"] == 1
     FAULT_COUNTS["redis_outage"] = {"served_during_outage": served_ok, "failed_during_outage": 0,
-                                    "uploads_503": 1, "before_reindex_status": lost.status_code}
+                                    "uploads_503": 1, "first_after_restart_status": first.status_code,
+                                    "first_after_restart_s": round(recovered_s, 2)}
 
 
 def test_object_store_unreachable_cold_503_warm_serve(served, offline_answers):
@@ -340,3 +348,168 @@ def test_object_store_unreachable_cold_503_warm_serve(served, offline_answers):
     _assert_correct(_complete(url, COLD_ID, PROMPTS[0]), offline_answers, COLD_ID, PROMPTS[0])
     FAULT_COUNTS["object_store_down"] = {"cold_503": 1, "warm_served": num_warm, "warm_failed": 0,
                                          "cold_after_restore_ok": 1}
+
+
+def _serve_processes() -> list:
+    """psutil.Process of every Serve replica actor of the app (router, replicas, placement): Ray titles their
+    processes `ray::ServeReplica:lorafleet:<deployment>`."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if cmdline.startswith("ray::ServeReplica:lorafleet:"):
+            found.append(proc)
+    return found
+
+
+def _rss_mb(processes: list) -> float:
+    return sum(p.memory_info().rss for p in processes) / 2**20
+
+
+def _burst(url: str, num: int, max_tokens: int = 16) -> list[httpx.Response]:
+    """`num` requests at once (every third streamed), no client-side limit."""
+
+    async def main() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=num, max_keepalive_connections=num)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+
+            async def one(i: int) -> httpx.Response:
+                adapter_id = LOAD_IDS[i % len(LOAD_IDS)]
+                body = {"model": adapter_id or "tiny", "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens,
+                        "temperature": 0, "stream": i % 3 == 0}
+                return await client.post(f"{url}/v1/completions", json=body)
+
+            return list(await asyncio.gather(*(one(i) for i in range(num))))
+
+    return asyncio.run(main())
+
+
+def test_overload_10x_capacity_answers_429_with_bounded_memory_then_recovers(served, offline_answers):
+    """10x the capacity in concurrent requests, three times: only 200s and 429s (OpenAI shape, Retry-After),
+    the router's in-flight gauge back to 0, and the Serve processes' memory flat from the 1st burst to the 3rd."""
+    url = served[0]
+    _wait_both_replicas(url)
+    processes = _serve_processes()
+    assert len(processes) >= 3, processes  # router, 2 replicas, placement controller
+    rss = [_rss_mb(processes)]
+    counts: dict[str, int] = {"200": 0, "429": 0, "other": 0}
+    reasons: set[str] = set()
+    for _ in range(3):
+        for response in _burst(url, 10 * CAPACITY):
+            if response.status_code == 200:
+                counts["200"] += 1
+                assert "[DONE]" in response.text or response.json()["choices"][0]["text"], response.text
+                assert '"error"' not in response.text, response.text  # a started stream ended normally
+            elif response.status_code == 429:
+                counts["429"] += 1
+                error = _assert_openai_error(response, 429)
+                assert error["code"] == "overloaded" and response.headers["retry-after"].isdigit(), response.text
+                reasons.add("router" if "max_inflight_requests" in error["message"]
+                            else "handle queue" if "max_queued_requests" in error["message"] else "replica")
+            else:
+                counts["other"] += 1
+                raise AssertionError(f"{response.status_code}: {response.text}")
+        rss.append(_rss_mb(processes))
+    assert counts["429"] >= 10 * CAPACITY and counts["200"] >= 3 * CAPACITY, counts
+    # No per-request growth: burst 3 ends within 64 MiB of burst 1 (allocator noise, prometheus label sets).
+    assert rss[3] - rss[1] < 64, rss
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    assert "lorafleet_inflight_requests 0.0" in metrics, [m for m in metrics.splitlines() if "inflight" in m]
+    assert 'lorafleet_requests_total{endpoint="completions",status="429"}' in metrics
+    after = _run_load(url, [(a, PROMPTS[0]) for a in LOAD_IDS], concurrency=2)  # normal load: all correct
+    for r in after:
+        assert r["response"] is not None, r.get("exc")
+        _assert_correct(r["response"], offline_answers, *r["pair"])
+    FAULT_COUNTS["overload"] = {"sent": 3 * 10 * CAPACITY, "ok": counts["200"], "rejected_429": counts["429"],
+                                "5xx": 0, "rejected_by": sorted(reasons),
+                                "rss_mb": [round(x) for x in rss], "after_ok": len(after)}
+
+
+def _sse_events(lines: list[str]) -> list[dict | str]:
+    import json
+
+    events: list[dict | str] = []
+    for line in lines:
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def test_replica_killed_mid_stream_ends_the_stream_with_an_inband_error(served, offline_answers):
+    """A stream that already sent tokens when its replica dies: the tokens sent are right, then an SSE error
+    event (replica_unavailable) and [DONE]; the HTTP status was 200 and nothing hangs."""
+    import ray
+
+    url = served[0]
+    _wait_both_replicas(url)
+    adapter_id, prompt = LOAD_IDS[2], PROMPTS[1]
+    body = {"model": adapter_id, "prompt": prompt, "max_tokens": 1500, "temperature": 0, "stream": True}
+    lines: list[str] = []
+    killed: dict = {}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            lines.append(line)
+            if not killed and sum(1 for x in lines if x.startswith("data: ")) >= 5:
+                for name in sorted(_replica_actors()):
+                    actor = ray.get_actor(name, namespace="serve")
+                    stats = ray.get(actor.record_routing_stats.remote(), timeout=10)
+                    if stats.get("num_inflight", 0) > 0:
+                        ray.kill(actor, no_restart=True)
+                        killed.update(name=name, rank=stats.get("rank"), at_event=len(lines))
+                        break
+                assert killed, "no replica had the stream in flight"
+    events = _sse_events(lines)
+    assert events[-1] == "[DONE]", events[-3:]
+    error = events[-2]["error"]
+    assert error["code"] == "replica_unavailable" and "retry" in error["message"], error
+    text = "".join(e["choices"][0]["text"] for e in events[:-2])
+    num_tokens = len(events) - 2
+    assert 5 <= num_tokens < 1500, num_tokens  # cut short by the kill, after the 5 chunks read
+    expected = offline_answers[(adapter_id, prompt)]  # greedy: the offline engine's first 8 tokens
+    common = min(len(text), len(expected))
+    assert common > 0 and text[:common] == expected[:common], (text[:80], expected)
+    FAULT_COUNTS["mid_stream_kill"] = {"chunks_before_error": num_tokens, "error_events": 1, "done": 1}
+
+
+def test_routes_around_a_dead_replica_and_rebalance_repairs_the_table(served, offline_answers):
+    """An adapter pinned by the table to the killed replica is served by the other one until Serve replaces it;
+    the next rebalance publishes a newer table over the live replicas, and routing follows it."""
+    import ray
+
+    from lorafleet.placement.routing_table import RoutingTable
+    from lorafleet.placement.table_store import RoutingTableStore
+
+    url, settings, _, _, server, _ = served
+    _wait_both_replicas(url)
+    tables = RoutingTableStore(redis.Redis.from_url(server.url), settings.redis_prefix)
+    pinned = LOAD_IDS[3]
+    table = tables.publish(RoutingTable(2, {pinned: ((0, 1.0),)}))
+    time.sleep(2.5)  # routers re-read the table within refresh_s
+    assert {_complete(url, pinned, PROMPTS[0]).headers[REPLICA_HEADER] for _ in range(4)} == {"0"}
+    victim = next(name for name in _replica_actors()
+                  if ray.get(ray.get_actor(name, namespace="serve").record_routing_stats.remote())["rank"] == 0)
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    ranks = []
+    for i in range(6):  # right after the kill: answered (by rank 1, or by rank 0's replacement once it is up)
+        response = _complete(url, pinned, PROMPTS[i % len(PROMPTS)])
+        _assert_correct(response, offline_answers, pinned, PROMPTS[i % len(PROMPTS)])
+        ranks.append(response.headers[REPLICA_HEADER])
+    _wait_both_replicas(url)
+    report = httpx.post(f"{url}/v1/placement/rebalance", timeout=120)
+    assert report.status_code == 200, report.text
+    repaired = tables.load()
+    assert repaired.version > table.version and repaired.num_replicas == 2
+    allowed = {str(r) for r, p in repaired.probabilities(pinned).items() if p > 0}
+    assert allowed <= {"0", "1"}
+    time.sleep(2.5)
+    seen = set()
+    for i in range(6):
+        response = _complete(url, pinned, PROMPTS[i % len(PROMPTS)])
+        _assert_correct(response, offline_answers, pinned, PROMPTS[i % len(PROMPTS)])
+        seen.add(response.headers[REPLICA_HEADER])
+    assert seen <= allowed, (seen, allowed)
+    FAULT_COUNTS["table_repair"] = {"ok_right_after_kill": len(ranks), "served_by_other_rank": ranks.count("1"),
+                                    "table_version": [table.version, repaired.version]}

@@ -22,7 +22,9 @@ def record(adapter_id: str, version: int, config_sha: str = "c" * 64, weights_sh
 
 @pytest.fixture
 def registry(redis_client, prefix):
-    return Registry(redis_client, prefix)
+    registry = Registry(redis_client, prefix)
+    redis_client.set(registry.marker_key, "{}")  # a complete registry (test_registry_recovery.py: without one)
+    return registry
 
 
 def register(registry: Registry, rec: VersionRecord) -> None:

@@ -1,5 +1,5 @@
-"""Fixtures shared by the auth and limits tests: one in-process replica on the tiny model, a real AdapterStore
-(real Redis, own prefix) holding its adapters, and a factory for RouterCore + app + TestClient."""
+"""Fixtures shared by the router tests: one in-process replica on the tiny model, a real AdapterStore (real Redis,
+own prefix) holding its adapters, a factory for RouterCore + app + TestClient, and one torch thread."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from lf_testing import make_adapters, store_less_replica
 
@@ -24,6 +25,15 @@ HARDENING_ADAPTERS = {  # adapter id -> (type, rank, targets, seed)
 }
 HARDENING_ENGINE_KWARGS = {"max_num_seqs": 8, "kv_cache_bytes": 16 << 20, "kernel_backend": "torch",
                            "max_model_len": 512}
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """The tiny model gains nothing from 2 threads, and spinning OpenMP threads hurt on a shared 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

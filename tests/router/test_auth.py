@@ -9,7 +9,6 @@ from collections.abc import Iterator
 
 import pytest
 import schemathesis
-import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
@@ -53,14 +52,6 @@ def assert_error_shape(response, status: int, error_type: str | None = None) -> 
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-import torch
 from starlette.requests import ClientDisconnect
 
 from lorafleet.infra.config import load_settings
@@ -32,14 +31,6 @@ def assert_error_shape(response, status: int, error_type: str | None = None) -> 
     if error_type is not None:
         assert body["error"]["type"] == error_type, body
     return body["error"]
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def wait_idle(engine, timeout_s: float = 5.0) -> bool:
@@ -92,6 +83,53 @@ def test_overload_answers_429_with_retry_after_never_5xx_then_recovers(make_core
         return statuses
 
     assert asyncio.run(after()) == [200, 200, 200]
+
+
+def test_full_replica_queue_answers_429_then_recovers(make_core, hardening_replica, monkeypatch):
+    """The replica's own bound (max_num_seqs running + replica_max_queued_requests queued): past it, 429 with
+    Retry-After naming the setting, no 5xx; the router-wide cap is far away here."""
+    monkeypatch.setattr(hardening_replica, "max_inflight", hardening_replica.engine.config.max_num_seqs + 2)
+    core = make_core(RouterConfig(BASE, max_inflight_requests=1000))
+    app = create_app(lambda: core)
+    body = {"model": "beta-lora", "prompt": "Once upon a time", "max_tokens": 24}
+
+    async def fire(num: int) -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+            requests = [client.post("/v1/completions", json=body | {"stream": i % 3 == 0}) for i in range(num)]
+            responses = list(await asyncio.gather(*requests))
+            assert await await_idle(hardening_replica.engine)
+            return responses
+
+    responses = asyncio.run(fire(30))
+    statuses = [r.status_code for r in responses]
+    assert all(s in (200, 429) for s in statuses), statuses
+    assert statuses.count(200) >= hardening_replica.max_inflight and statuses.count(429) >= 10, statuses
+    for response in responses:
+        if response.status_code == 429:
+            error = assert_error_shape(response, 429, "rate_limit_error")
+            assert error["code"] == "overloaded" and "replica_max_queued_requests" in error["message"]
+            assert response.headers["retry-after"].isdigit()
+    assert hardening_replica._num_inflight == 0 and core.limiter.num_inflight == 0
+    assert [r.status_code for r in asyncio.run(fire(3))] == [200, 200, 200]
+
+
+def test_every_status_is_counted_in_the_requests_metric(make_client):
+    """Auth 401s, validation 400s, size 413s and unknown-model 404s count in lorafleet_requests_total, by
+    endpoint and status, as well as the 200s."""
+    client = make_client(RouterConfig(BASE, max_request_bytes=4096), api_keys={"k-1": "*"})
+    auth = {"Authorization": "Bearer k-1"}
+    assert client.post("/v1/completions", json={"model": BASE, "prompt": "hi", "max_tokens": 2}).status_code == 401
+    assert client.post("/v1/completions", json={"model": BASE, "prompt": "hi", "max_tokens": 2},
+                       headers=auth).status_code == 200
+    assert client.post("/v1/chat/completions", json={"model": BASE}, headers=auth).status_code == 400
+    assert client.post("/v1/completions", json={"model": "nope", "prompt": "x"}, headers=auth).status_code == 404
+    assert client.post("/v1/completions", content=b"x" * 5000, headers=auth).status_code == 413
+    assert client.get("/v1/models", headers=auth).status_code == 200
+    text = client.get("/metrics").text
+    for endpoint, status in [("completions", 401), ("completions", 200), ("chat", 400), ("completions", 404),
+                             ("completions", 413), ("models", 200)]:
+        assert f'lorafleet_requests_total{{endpoint="{endpoint}",status="{status}"}} 1.0' in text, (endpoint, status)
 
 
 # -- timeouts and disconnects abort the generation ------------------------------------------------------------

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import schemathesis
-import torch
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from lf_testing import make_adapters, store_less_replica
+from lf_testing import ERROR_KEYS, assert_openai_error, make_adapters, sse_events, store_less_replica
 
 from lorafleet.replicas.deployment import ReplicaServer
 from lorafleet.replicas.engine import Engine
@@ -31,20 +30,10 @@ ADAPTERS = {  # adapter id -> (type, rank, targets, seed)
 }
 PROMPT = "The quick brown fox"
 MAX_TOKENS = 8
-ERROR_KEYS = {"message", "type", "param", "code"}
 # Endpoints that need the adapter store, the routing table in Redis or a placement controller: with store=None
 # they answer 503 store_unavailable (in OpenAI's shape), which is the correct answer for this router.
 STORE_ENDPOINTS = ("/v1/adapters", "/v1/placement")
 FUZZ_MAX_TOKENS = 8
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """The tiny model gains nothing from 2 threads, and spinning OpenMP threads hurt on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -84,32 +73,6 @@ def offline_text(engine: Engine, prompt: str, adapter_id: str | None, max_tokens
     out = engine.generate(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0), adapters=adapter_id)[0]
     assert out.finish_reason in ("length", "stop")
     return out.text
-
-
-def sse_events(client: TestClient, path: str, body: dict) -> list[dict | str]:
-    """POST with stream=true; the parsed `data:` events ("[DONE]" kept as a string)."""
-    with client.stream("POST", path, json=body | {"stream": True}) as response:
-        assert response.status_code == 200, response.read()
-        assert response.headers["content-type"].startswith("text/event-stream")
-        raw = response.read().decode()
-    assert "Traceback" not in raw
-    blocks = [b for b in raw.split("\n\n") if b]
-    assert all(b.startswith("data: ") for b in blocks), raw
-    return [b[len("data: "):] if b == "data: [DONE]" else json.loads(b[len("data: "):]) for b in blocks]
-
-
-def assert_openai_error(response, status: int, error_type: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    assert "Traceback" not in response.text and 'File "' not in response.text
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS, body
-    error = body["error"]
-    assert isinstance(error["message"], str) and error["message"]
-    assert error["param"] is None or isinstance(error["param"], str)
-    assert error["code"] is None or isinstance(error["code"], str)
-    if error_type is not None:
-        assert error["type"] == error_type, error
-    return error
 
 
 # -- completions: non-streaming and streaming agree with the offline engine ---------------------------
