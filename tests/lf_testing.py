@@ -66,3 +66,21 @@ def assert_openai_error(response, status: int, error_type: str | None = None) ->
     if error_type is not None:
         assert error["type"] == error_type, error
     return error
+
+
+def in_process_cli(capsys, *leading: str):
+    """run(*args) -> (exit code, stdout, stderr) of `lorafleet *leading *args` in this process (settings come from
+    the caller's monkeypatched LORAFLEET_* env)."""
+    from lorafleet.cluster.cli import main
+
+    def run(*args: object) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            main([*leading, *(str(a) for a in args)])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from lf_testing import REDIS_URL, free_port
+from lf_testing import REDIS_URL, free_port, in_process_cli
 
-from lorafleet.cluster.cli import main
 from lorafleet.router.key_store import key_digest
 
 
@@ -22,17 +21,7 @@ def cli(monkeypatch, capsys, redis_prefix):
     monkeypatch.setenv("LORAFLEET_REDIS_URL", REDIS_URL)
     monkeypatch.setenv("COLUMNS", "200")
 
-    def run(*args: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
+    return in_process_cli(capsys)
 
 
 def test_add_list_rm(cli, redis_prefix):

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+from lf_testing import in_process_cli
 
-from lorafleet.cluster.cli import main
 from lorafleet.infra.version_record import VersionRecord
 
 
@@ -23,17 +23,7 @@ def cli(monkeypatch, capsys, prefix, tmp_path, tiny_model_dir):
     monkeypatch.setenv("LORAFLEET_MODEL_DIR", str(tiny_model_dir))
     monkeypatch.setenv("COLUMNS", "200")
 
-    def run(*args: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
+    return in_process_cli(capsys)
 
 
 def test_push_list_show_versions_rm(cli, adapter_dirs):

@@ -10,9 +10,8 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from lf_testing import REDIS_URL, free_port
+from lf_testing import REDIS_URL, free_port, in_process_cli
 
-from lorafleet.cluster.cli import main
 from lorafleet.infra.config import load_settings
 from lorafleet.infra.redis_conn import connect
 from lorafleet.router import auth as auth_module
@@ -40,17 +39,7 @@ def keys_cli(monkeypatch, capsys, redis_prefix) -> Callable[..., tuple[int, str,
     monkeypatch.setenv("LORAFLEET_REDIS_PREFIX", redis_prefix[1])
     monkeypatch.setenv("LORAFLEET_REDIS_URL", REDIS_URL)
 
-    def run(*args: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        try:
-            main(["keys", *args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
+    return in_process_cli(capsys, "keys")
 
 
 @pytest.fixture
