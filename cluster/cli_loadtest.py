@@ -1,10 +1,12 @@
-"""`lorafleet loadtest`: Locust load test of a LoRAFleet server (or the local demo, per routing policy)."""
+"""`lorafleet loadtest`: Locust load test of a LoRAFleet server (or the local demo, per routing policy or rate)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import typer
+
+DEFAULT_RATE = 4.0
 
 
 def register(app: typer.Typer) -> None:
@@ -13,27 +15,42 @@ def register(app: typer.Typer) -> None:
 
 def loadtest_cmd(
     host: str | None = typer.Option(None, help="Base URL of the server, e.g. http://127.0.0.1:8000."),
-    rate: float = typer.Option(4.0, help="Target arrival rate, requests/s (open-loop Poisson)."),
-    duration: str = typer.Option("60s", help="How long to send requests: 60s, 2m, 1m30s."),
+    rate: float | None = typer.Option(None, help=f"Target arrival rate, requests/s (open-loop Poisson); "
+                                                 f"{DEFAULT_RATE:g} if not given."),
+    duration: str = typer.Option("60s", help="How long to send requests (per rate with --sweep): 60s, 2m, 1m30s."),
     adapters: int = typer.Option(20, help="Adapters to spread requests over (Zipf popularity)."),
     zipf: float = typer.Option(1.1, help="Zipf exponent of adapter popularity (0 = uniform)."),
     out: Path = typer.Option(Path("benchmarks/results/loadtest"),
                              help="Report folder (CSV, HTML, summary.json, PNGs); the default is git-ignored."),
     policy_compare: bool = typer.Option(False, "--policy-compare",
                                         help="Start the local demo twice (random, rank-aware) and compare."),
+    sweep: str | None = typer.Option(None, help="Capacity search: comma-separated rates, e.g. 2,4,8,16; one run "
+                                                "per rate against --host, or a local demo started once. "
+                                                "Needs --slo-ttft-p95."),
+    stop_early: bool = typer.Option(False, "--stop-early",
+                                    help="With --sweep: stop after two consecutive rates fail the SLO."),
     slo_ttft_p95: float | None = typer.Option(None, help="SLO: P95 time to first token, seconds."),
     prompt_tokens: int = typer.Option(32, help="Median prompt length in words (lognormal)."),
     output_tokens: int = typer.Option(16, help="Median max_tokens per request (lognormal)."),
     chat_fraction: float = typer.Option(0.25, help="Share of requests sent to /v1/chat/completions."),
     seed: int = typer.Option(0, help="Workload seed."),
-    demo_root: Path = typer.Option(Path(".lorafleet"), help="Demo assets folder for --policy-compare."),
+    demo_root: Path = typer.Option(Path(".lorafleet"), help="Demo assets folder for --policy-compare / --sweep."),
 ) -> None:
     """Run Locust headless against a server, write a report folder and print an SLO table."""
+    from lorafleet.loadtests.plan import LoadTestError
     from lorafleet.loadtests.runner import LoadTestConfig, parse_duration, run_loadtest
+    from lorafleet.loadtests.sweep import parse_rates
 
+    sweep_rates: tuple[float, ...] = ()
+    if sweep is not None:
+        if rate is not None:
+            raise LoadTestError("--sweep and --rate cannot be combined: --sweep sets the rates")
+        sweep_rates = parse_rates(sweep)
     config = LoadTestConfig(
-        host=host, rate=rate, duration_s=parse_duration(duration), num_adapters=adapters, zipf=zipf, out_dir=out,
-        is_policy_compare=policy_compare, slo_ttft_p95_s=slo_ttft_p95, prompt_tokens=prompt_tokens,
-        output_tokens=output_tokens, chat_fraction=chat_fraction, seed=seed, demo_root=demo_root,
+        host=host, rate=DEFAULT_RATE if rate is None else rate, duration_s=parse_duration(duration),
+        num_adapters=adapters, zipf=zipf, out_dir=out, is_policy_compare=policy_compare,
+        slo_ttft_p95_s=slo_ttft_p95, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+        chat_fraction=chat_fraction, seed=seed, demo_root=demo_root, sweep_rates=sweep_rates,
+        is_stop_early=stop_early,
     )
     run_loadtest(config)

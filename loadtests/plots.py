@@ -1,4 +1,4 @@
-"""PNG plots of a load test (matplotlib Agg): TTFT CDF per rank class, TTFT / throughput / errors over time."""
+"""PNG plots (matplotlib Agg) of a load test: TTFT CDF, TTFT/throughput/errors over time; of a rate sweep."""
 
 from __future__ import annotations
 
@@ -104,3 +104,34 @@ def plot_run(records: list[dict], duration_s: float, out_dir: Path, title: str) 
     """Every plot of one run into out_dir (names in PLOT_FILES)."""
     return [plot_ttft_cdf({"": records}, out_dir / "ttft_cdf.png", title),
             *plot_over_time(records, duration_s, out_dir)]
+
+
+def plot_sweep(rows: list[dict], slo_ttft_p95_s: float, path: Path, title: str) -> Path:
+    """sweep.png: TTFT P50/P95 vs offered rate with the SLO line (failing rates marked) | achieved vs offered."""
+    plt = _pyplot()
+    offered = np.asarray([row["offered_rps"] for row in rows], dtype=np.float64)
+    p95 = np.asarray([np.nan if row["ttft_p95_s"] is None else row["ttft_p95_s"] * 1000.0 for row in rows])
+    p50 = np.asarray([np.nan if row["ttft_p50_s"] is None else row["ttft_p50_s"] * 1000.0 for row in rows])
+    failed = np.asarray([not row["is_pass"] for row in rows], dtype=bool)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10.0, 4.0))
+    ax.plot(offered, p50, marker="o", label="TTFT P50")
+    ax.plot(offered, p95, marker="o", label="TTFT P95")
+    if failed.any():
+        ax.scatter(offered[failed], p95[failed], s=120, facecolors="none", edgecolors="tab:red", label="SLO failed")
+    ax.axhline(slo_ttft_p95_s * 1000.0, color="tab:red", linestyle="--", label=f"SLO {slo_ttft_p95_s:g} s")
+    ax.set(xlabel="offered rate (requests/s)", ylabel="TTFT (ms)", title="TTFT vs offered rate")
+    if np.nanmax(np.append(p95, 0.0)) > 20 * slo_ttft_p95_s * 1000.0:
+        ax.set_yscale("log")  # overload tails dwarf the SLO line on a linear axis
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    achieved = [row["achieved_rps"] for row in rows]
+    top = max([*offered.tolist(), *achieved, *(row["sent_rps"] for row in rows), 1.0]) * 1.1
+    ax2.plot([0, top], [0, top], color="grey", linestyle=":", label="achieved = offered")
+    ax2.plot(offered, [row["sent_rps"] for row in rows], marker="x", linestyle="--", label="sent (Poisson plan)")
+    ax2.plot(offered, achieved, marker="o", label="achieved (successful req/s)")
+    ax2.set(xlabel="offered rate (requests/s)", ylabel="requests/s", title="Achieved vs offered throughput",
+            xlim=(0, top), ylim=(0, top))
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)

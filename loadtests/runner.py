@@ -51,6 +51,8 @@ class LoadTestConfig:
     seed: int = 0
     drain_s: float = 30.0
     demo_root: Path = Path(".lorafleet")
+    sweep_rates: tuple[float, ...] = ()  # capacity search (sweep.py): one run per rate, ascending
+    is_stop_early: bool = False  # sweep only: stop after two consecutive rates fail
 
     def __post_init__(self) -> None:
         if not self.rate > 0:
@@ -63,12 +65,22 @@ class LoadTestConfig:
             raise LoadTestError(f"--slo-ttft-p95 must be > 0 seconds, got {self.slo_ttft_p95_s}")
         if self.prompt_tokens < 1 or self.output_tokens < 1 or self.length_sigma < 0:
             raise LoadTestError("token lengths must be >= 1 and their sigma >= 0")
-        if not self.is_policy_compare and not self.host:
-            raise LoadTestError("--host is required (or --policy-compare to load-test a local demo)")
+        if self.sweep_rates:
+            if self.is_policy_compare:
+                raise LoadTestError("--sweep and --policy-compare cannot be combined")
+            if self.slo_ttft_p95_s is None:
+                raise LoadTestError("--sweep requires --slo-ttft-p95 (capacity is the highest rate meeting it)")
+            if min(self.sweep_rates) <= 0 or list(self.sweep_rates) != sorted(set(self.sweep_rates)):
+                raise LoadTestError(f"--sweep rates must be > 0 and ascending, got {list(self.sweep_rates)}")
+        elif self.is_stop_early:
+            raise LoadTestError("--stop-early only applies to --sweep")
+        if not self.is_policy_compare and not self.sweep_rates and not self.host:
+            raise LoadTestError("--host is required (or --policy-compare / --sweep to load-test a local demo)")
 
     def params(self) -> dict:
         out = asdict(self)
         out["out_dir"], out["demo_root"] = str(self.out_dir), str(self.demo_root)
+        out["sweep_rates"] = list(self.sweep_rates)
         return out
 
 
@@ -179,8 +191,9 @@ def report_run(config: LoadTestConfig, plan: LoadPlan, out_dir: Path, wall_s: fl
     return summary, records
 
 
-def _one_run(config: LoadTestConfig, host: str, out_dir: Path, label: str, console,
-             extra: dict | None = None) -> tuple[dict, list[dict]]:
+def run_one(config: LoadTestConfig, host: str, out_dir: Path, label: str, console,
+            extra: dict | None = None) -> tuple[dict, list[dict]]:
+    """Plan at config.rate against `host`, replay it with Locust into out_dir, report; (summary, records)."""
     plan = plan_for_host(host, rate=config.rate, duration_s=config.duration_s, num_adapters=config.num_adapters,
                          zipf=config.zipf, seed=config.seed, prompt_tokens=config.prompt_tokens,
                          output_tokens=config.output_tokens, length_sigma=config.length_sigma,
@@ -192,7 +205,8 @@ def _one_run(config: LoadTestConfig, host: str, out_dir: Path, label: str, conso
 
 
 def run_loadtest(config: LoadTestConfig, console=None) -> dict[str, dict]:
-    """Run one load test (or one per routing policy with is_policy_compare); print the SLO table.
+    """Run one load test (or one per routing policy with is_policy_compare, or one per rate with
+    sweep_rates: see sweep.py); print the SLO table.
 
     Returns {run name: summary}. With a comparison the runs go to out_dir/<policy>/ and out_dir gets the
     combined summary.json, report.md and ttft_cdf.png (both policies on one plot).
@@ -203,11 +217,15 @@ def run_loadtest(config: LoadTestConfig, console=None) -> dict[str, dict]:
     from lorafleet.loadtests.report import markdown_table, slo_table
 
     console = console or Console(width=None if sys.stdout.isatty() else 120)
+    if config.sweep_rates:
+        from lorafleet.loadtests.sweep import run_sweep
+
+        return run_sweep(config, console)
     config.out_dir.mkdir(parents=True, exist_ok=True)
     summaries: dict[str, dict] = {}
     if not config.is_policy_compare:
         fetch_adapter_ids(config.host)  # fail fast, before anything is written
-        summaries["loadtest"], _ = _one_run(config, config.host, config.out_dir, "loadtest", console)
+        summaries["loadtest"], _ = run_one(config, config.host, config.out_dir, "loadtest", console)
     else:
         from lorafleet.loadtests.demo_target import local_demo
 
@@ -217,7 +235,7 @@ def run_loadtest(config: LoadTestConfig, console=None) -> dict[str, dict]:
         for policy in COMPARE_POLICIES:
             console.print(f"starting the local demo app with routing policy [bold]{policy}[/] ...")
             with local_demo(config.demo_root, policy) as url:
-                summaries[policy], all_records[policy] = _one_run(
+                summaries[policy], all_records[policy] = run_one(
                     config, url, config.out_dir / policy, policy, console, extra={"routing_policy": policy})
         write_summary_all = {"params": config.params(), "runs": summaries}
         (config.out_dir / "summary.json").write_text(json.dumps(write_summary_all, indent=2) + "\n")

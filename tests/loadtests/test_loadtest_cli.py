@@ -1,4 +1,4 @@
-"""`lorafleet loadtest` bad input: one line on stderr, exit code 2, no report written."""
+"""`lorafleet loadtest` bad input (sweep conflicts included): one line on stderr, exit code 2, no report."""
 
 from __future__ import annotations
 
@@ -13,6 +13,11 @@ from lorafleet.cluster.cli import main
     (["--host", "http://127.0.0.1:9", "--duration", "2s"], "cannot reach"),
     (["--rate", "2"], "--host is required"),
     (["--host", "http://127.0.0.1:9", "--adapters", "many"], "adapters"),
+    (["--sweep", "2,4"], "--sweep requires --slo-ttft-p95"),
+    (["--sweep", "2,4", "--slo-ttft-p95", "0.5", "--rate", "3"], "--sweep and --rate cannot be combined"),
+    (["--sweep", "2,4", "--slo-ttft-p95", "0.5", "--policy-compare"], "--sweep and --policy-compare"),
+    (["--sweep", "2,fast", "--slo-ttft-p95", "0.5"], "bad --sweep"),
+    (["--host", "http://127.0.0.1:9", "--stop-early"], "--stop-early only applies to --sweep"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, fragment):
     out = tmp_path / "report"

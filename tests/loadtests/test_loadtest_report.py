@@ -1,4 +1,5 @@
-"""A 10-second headless Locust run against the local demo app produces the whole report folder."""
+"""A 10-second headless Locust run against the local demo app produces the whole report folder; so does a
+two-rate capacity sweep (about 5 s per rate) against the same app."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from lorafleet.loadtests.demo_target import local_demo
 from lorafleet.loadtests.plots import PLOT_FILES
 from lorafleet.loadtests.report import load_records, locust_counts
 from lorafleet.loadtests.runner import LoadTestConfig, run_loadtest
+from lorafleet.loadtests.sweep import rate_dir_name
 
 pytestmark = pytest.mark.slow
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -69,3 +71,39 @@ def test_summary_has_latency_and_slo(report):
     assert summary["slo"] == {"ttft_p95_s": 30.0, "is_pass": True}
     assert set(summary["by_rank_class"]) <= {"r1-4", "r8-16", "r32+"}
     assert sum(c["num_requests"] for c in summary["by_rank_class"].values()) == summary["num_requests"]
+
+
+@pytest.fixture(scope="module")
+def sweep(demo_url, tmp_path_factory):
+    out = tmp_path_factory.mktemp("loadtest-sweep")
+    config = LoadTestConfig(host=demo_url, rate=1.0, duration_s=5.0, num_adapters=12, zipf=1.1, out_dir=out,
+                            slo_ttft_p95_s=30.0, prompt_tokens=8, output_tokens=8, drain_s=20.0,
+                            sweep_rates=(2.0, 4.0))
+    summaries = run_loadtest(config, console=Console(record=True, width=160))
+    return out, summaries
+
+
+def test_sweep_writes_one_report_per_rate_and_a_summary(sweep):
+    out, summaries = sweep
+    assert list(summaries) == ["rate-2", "rate-4"]
+    for rate in (2.0, 4.0):
+        run = out / rate_dir_name(rate)
+        assert {"summary.json", "report.md", "records.jsonl", "locust_stats.csv", *PLOT_FILES} <= {
+            p.name for p in run.iterdir()}
+        assert json.loads((run / "summary.json").read_text())["params"]["rate"] == rate
+    for name in ("summary.json", "report.md", "sweep.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "sweep.png").read_bytes()[:8] == PNG_SIGNATURE
+    image = imread(out / "sweep.png")
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100, image.shape
+
+
+def test_sweep_rows_equal_the_rates_and_all_meet_a_loose_slo(sweep):
+    out, summaries = sweep
+    top = json.loads((out / "summary.json").read_text())
+    assert [row["offered_rps"] for row in top["rows"]] == [2.0, 4.0]
+    for row, summary in zip(top["rows"], summaries.values(), strict=True):
+        assert row["num_requests"] == summary["num_requests"] == row["num_planned"] > 0
+        assert row["num_errors"] == 0 and row["is_pass"] and row["ttft_p95_s"] <= 30.0
+    assert top["capacity"]["verdict"] == "all met" and top["capacity"]["capacity_rps"] == 4.0
+    assert "Capacity at SLO: all met" in (out / "report.md").read_text()
