@@ -111,8 +111,8 @@ def demo_cmd(
     )
     store = AdapterStore.from_settings(settings)
     for adapter_id, path in adapters.items():
-        record = store.push(adapter_id, path, owner="demo")
-        console.print(f"pushed {adapter_id} (version {record.version}, {record.peft_type} rank {record.max_rank})")
+        record = store.push(adapter_id, path, owner="demo", if_changed=True)  # a restart adds no versions
+        console.print(f"{adapter_id}: version {record.version}, {record.peft_type} rank {record.max_rank}")
     console.print(f"starting Ray Serve with {num_replicas} CPU replicas (first start takes a minute)...")
     with stop_on_signals(), serve_app(settings, num_cpus=max(2, num_replicas)) as url:
         console.print(EXAMPLES.format(url=url, adapter="sql-lora-r8"), markup=False, highlight=False)

@@ -107,9 +107,10 @@ class AdapterStore:
     # --- push -----------------------------------------------------------------------------------------
     def push(
         self, adapter_id: str, adapter_dir: str | Path | None = None, *, files: Mapping[str, bytes] | None = None,
-        owner: str | None = None,
+        owner: str | None = None, if_changed: bool = False,
     ) -> VersionRecord:
         """Validate, write blobs, register and publish a new version of adapter_id; returns its record.
+        With `if_changed`, files equal (sha256) to the current version's push nothing and return that record.
 
         Any failure leaves the previous version current. Concurrent pushes of one id: each gets its own
         version number; one that finds a newer version already registered fails with VersionConflict.
@@ -127,6 +128,11 @@ class AdapterStore:
             expected = " and ".join(BUNDLE_FILES)
             raise InvalidAdapter(f"{source}/{unexpected[0]}: unexpected file; an adapter holds {expected}")
         files = {name: bytes(files[name]) for name in BUNDLE_FILES if name in files}
+        if if_changed:
+            current = self._current_or_none(adapter_id)
+            digests = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+            if current is not None and {name: sha for name, (sha, _) in current.files.items()} == digests:
+                return current
         num_bytes = sum(len(data) for data in files.values())
         if num_bytes > self.max_bytes:
             raise AdapterTooLarge(f"{source}: {num_bytes} bytes is over the limit of {self.max_bytes} bytes")
@@ -154,6 +160,12 @@ class AdapterStore:
             raise StoreUnavailable(f"push '{adapter_id}': purges kept deleting its blobs; try again")
         self._write_manifest(record)
         return record
+
+    def _current_or_none(self, adapter_id: str) -> VersionRecord | None:
+        try:
+            return self.current(adapter_id)
+        except AdapterNotFound:
+            return None
 
     def _allocate_version(self, adapter_id: str) -> int:
         self.recovery.ensure(is_push=True)  # a lost registry is rebuilt first: numbering continues from manifests

@@ -224,6 +224,7 @@ def run_loadtest(config: LoadTestConfig, console=None) -> dict[str, dict]:
     config.out_dir.mkdir(parents=True, exist_ok=True)
     summaries: dict[str, dict] = {}
     if not config.is_policy_compare:
+        assert config.host is not None, "the CLI requires --host without --policy-compare or --sweep"
         fetch_adapter_ids(config.host)  # fail fast, before anything is written
         summaries["loadtest"], _ = run_one(config, config.host, config.out_dir, "loadtest", console)
     else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -158,7 +158,7 @@ class RouterCore:
             request["prompt"] = req.prompt
         return request
 
-    async def _items(self, request: dict, adapter_id: str | None) -> AsyncIterator[dict]:
+    async def _items(self, request: dict, adapter_id: str | None) -> AsyncGenerator[dict, None]:
         """Replica stream items with errors raised and metrics recorded. Holds one in-flight slot (Overloaded
         when none is free) until the stream ends; past request_timeout_s the replica stream is closed, which
         aborts the generation there, and RequestTimeout is raised."""
@@ -248,7 +248,7 @@ class RouterCore:
         return self._sse(req, first, items)
 
     async def _sse(self, req: CompletionRequest | ChatCompletionRequest, first: dict | None,
-                   items: AsyncIterator[dict]) -> AsyncIterator[str]:
+                   items: AsyncGenerator[dict, None]) -> AsyncIterator[str]:
         is_chat = isinstance(req, ChatCompletionRequest)
         stream_id, created = new_id("chatcmpl" if is_chat else "cmpl"), int(time.time())
         text_offset = 0   # completions: where the next chunk's first token starts in the whole text

@@ -51,6 +51,16 @@ def test_repush_makes_new_version(store, adapter_dirs, adapter_files):
     assert [r.adapter_id for r in store.list_current()] == ["a"]
 
 
+def test_push_if_changed_adds_a_version_only_for_new_content(store, adapter_dirs, adapter_files):
+    first = store.push("a", adapter_dirs["lora8"], if_changed=True)   # nothing current: pushed
+    again = store.push("a", adapter_dirs["lora8"], if_changed=True)   # same bytes: the current record
+    assert (first.version, again.version) == (1, 1) and again.files == first.files
+    assert store.push("a", adapter_dirs["lora8"]).version == 2   # without the flag: always a new version
+    changed = store.push("a", files=adapter_files["flora2"], if_changed=True)
+    assert changed.version == 3 and changed.peft_type == "FLORA"
+    assert [r.version for r in store.versions("a")] == [1, 2, 3]
+
+
 @pytest.mark.parametrize("damage,error,match", [
     (lambda f: {CONFIG: f[CONFIG], WEIGHTS: f[WEIGHTS][: len(f[WEIGHTS]) // 2]}, InvalidAdapter, "truncated"),
     (lambda f: {CONFIG: b"{not json", WEIGHTS: f[WEIGHTS]}, InvalidAdapter, "not valid JSON"),
