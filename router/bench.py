@@ -68,7 +68,7 @@ def make_table(spec: RouterBenchSpec) -> RoutingTable:
 
 def routing_micro(spec: RouterBenchSpec) -> list[dict]:
     """µs per call of each routing step (min over interleaved repeats: other processes only add time)."""
-    from lorafleet.router.request_router import replica_view
+    from lorafleet.router.request_router import ViewCache, replica_view
 
     table = make_table(spec)
     rng, np_rng = random.Random(spec.seed), np.random.default_rng(spec.seed)
@@ -96,20 +96,27 @@ def routing_micro(spec: RouterBenchSpec) -> list[dict]:
         for adapter_id in lookups[:num_policy]:
             policy.choose(adapter_id, views, table, rng)
 
-    def request_router_path() -> None:   # what choose_replicas does per request: read stats, then choose
+    view_cache = ViewCache()
+
+    def request_router_path() -> None:   # what choose_replicas does per request: cached views, then choose
+        for adapter_id in lookups[:num_policy]:
+            policy.choose(adapter_id, view_cache.views(stats), table, rng)  # type: ignore[arg-type]
+
+    def request_router_fresh_stats() -> None:   # worst case: every replica's stats new since the last request
         for adapter_id in lookups[:num_policy]:
             policy.choose(adapter_id, [replica_view(s) for s in stats], table, rng)  # type: ignore[arg-type]
 
     fns = {"sample": sample_all(lookups), "sample_unknown": sample_all(unknown), "choose": choose,
-           "request_router": request_router_path}
+           "request_router": request_router_path, "request_router_fresh": request_router_fresh_stats}
     seconds = bench(fns, device=torch.device("cpu"), repeats=spec.micro_repeats, warmup=1)
     calls = {"sample": len(lookups), "sample_unknown": len(unknown), "choose": num_policy,
-             "request_router": num_policy}
+             "request_router": num_policy, "request_router_fresh": num_policy}
     names = {
         "sample": f"table.sample: lookup + sampling ({spec.num_adapters:,} adapters)",
         "sample_unknown": "table.sample: not in table (consistent hash)",
         "choose": f"RankAwarePolicy.choose ({spec.num_replicas} replicas)",
-        "request_router": f"choose_replicas: {spec.num_replicas} replica_view + choose",
+        "request_router": f"choose_replicas: {spec.num_replicas} cached replica views + choose",
+        "request_router_fresh": f"choose_replicas, all {spec.num_replicas} replicas' stats new: views rebuilt",
     }
     return [{"key": key, "name": names[key], "us_per_call": 1e6 * seconds[key] / calls[key], "calls": calls[key]}
             for key in fns]

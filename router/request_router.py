@@ -70,6 +70,28 @@ def replica_view(replica: RunningReplica) -> ReplicaView:
     )
 
 
+class ViewCache:
+    """One ReplicaView per replica, rebuilt only when Serve hands over a new routing-stats dict (about once a
+    second per replica), not per request: the frozenset of resident adapters is the costly part. Keyed by the
+    replica object's id; the entry holds the object, so the id cannot be reused while cached."""
+
+    def __init__(self) -> None:
+        self._views: dict[int, tuple[Any, Any, ReplicaView]] = {}
+
+    def views(self, replicas: list[RunningReplica]) -> list[ReplicaView]:
+        cache, out = self._views, []
+        for replica in replicas:
+            stats = replica.routing_stats
+            cached = cache.get(id(replica))
+            if cached is None or cached[0] is not stats:
+                cached = cache[id(replica)] = (stats, replica, replica_view(replica))
+            out.append(cached[2])
+        if len(cache) > 2 * len(replicas) + 16:   # replicas that left: drop their views
+            live = {id(r) for r in replicas}
+            self._views = {k: v for k, v in cache.items() if k in live}
+        return out
+
+
 class LoRAFleetRequestRouter(FIFOMixin, RequestRouter):
     """Configured through `request_router_kwargs`: policy, redis_url, redis_prefix, refresh_s, seed."""
 
@@ -79,10 +101,11 @@ class LoRAFleetRequestRouter(FIFOMixin, RequestRouter):
         self.policy = POLICIES[policy]()
         self.tables = TableCache(redis_url, redis_prefix, refresh_s)
         self.rng = random.Random(seed)
+        self.view_cache = ViewCache()
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         adapter_id = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
-        views = [replica_view(r) for r in candidate_replicas]
+        views = self.view_cache.views(candidate_replicas)
         tiers = self.policy.choose(adapter_id or None, views, self.tables.get(), self.rng)
         return [[v.replica for v in tier] for tier in tiers]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 from lorafleet.placement.routing_table import RoutingTable, jump_hash, stable_hash64
@@ -35,13 +36,25 @@ class RoutingPolicy(ABC):
 
     def choose(self, adapter_id: str | None, replicas: list[ReplicaView], table: RoutingTable | None,
                rng: random.Random) -> Tiers:
+        """Tiers: the target rank; then replicas holding the adapter; then the rest (each least queued first).
+        One sort and one pass over the replicas per request."""
         if not replicas:
             return []
+        ordered = sorted(replicas, key=_queue_len)
         if not adapter_id:  # the base model: every replica serves it equally well
-            return [sorted(replicas, key=lambda r: r.queue_len)]
+            return [ordered]
         target = self.target(adapter_id, replicas, table, rng)
-        first = [r for r in replicas if r.rank is not None and r.rank == target]
-        return [tier for tier in (first, *fallback_tiers(adapter_id, replicas, first)) if tier]
+        first: list[ReplicaView] = []
+        holders: list[ReplicaView] = []
+        others: list[ReplicaView] = []
+        for r in ordered:
+            if target is not None and r.rank == target:
+                first.append(r)
+            elif adapter_id in r.resident:
+                holders.append(r)
+            else:
+                others.append(r)
+        return [tier for tier in (first, holders, others) if tier]
 
     @abstractmethod
     def target(self, adapter_id: str, replicas: list[ReplicaView], table: RoutingTable | None,
@@ -49,11 +62,7 @@ class RoutingPolicy(ABC):
         """Preferred replica rank for this request (None = no preference)."""
 
 
-def fallback_tiers(adapter_id: str, replicas: list[ReplicaView], exclude: list[ReplicaView]) -> Tiers:
-    rest = [r for r in replicas if not any(r is e for e in exclude)]
-    holders = sorted((r for r in rest if adapter_id in r.resident), key=lambda r: r.queue_len)
-    others = sorted((r for r in rest if adapter_id not in r.resident), key=lambda r: r.queue_len)
-    return [holders, others]
+_queue_len = attrgetter("queue_len")
 
 
 def _live_ranks(replicas: list[ReplicaView]) -> list[int]:

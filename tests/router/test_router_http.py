@@ -325,7 +325,8 @@ def test_router_bench_runs_and_writes_json(tiny_model_dir, tmp_path):
                               command="test")
     saved = json.loads(Path(result["path"]).read_text())
     assert saved["kind"] == "router" and saved["spec"]["num_adapters"] == 500
-    assert [r["key"] for r in saved["routing"]] == ["sample", "sample_unknown", "choose", "request_router"]
+    assert [r["key"] for r in saved["routing"]] == ["sample", "sample_unknown", "choose", "request_router",
+                                             "request_router_fresh"]
     assert all(r["us_per_call"] > 0 for r in saved["routing"])
     assert [r["key"] for r in saved["http"]] == ["engine", "asgi", "http"]
     assert all(r["num_requests"] == 5 and r["p99_ms"] >= r["p50_ms"] > 0 for r in saved["http"])

@@ -18,14 +18,13 @@ from hypothesis import strategies as st
 
 from lorafleet.placement.routing_table import RoutingTable, default_replica, jump_hash, stable_hash64
 from lorafleet.placement.table_store import RoutingTableStore
-from lorafleet.router.request_router import TableCache, replica_view
+from lorafleet.router.request_router import TableCache, ViewCache, replica_view
 from lorafleet.router.routing_policy import (
     POLICIES,
     AffinityPolicy,
     RandomPolicy,
     RankAwarePolicy,
     ReplicaView,
-    fallback_tiers,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -180,7 +179,9 @@ def test_replicas_without_a_rank_never_come_first_but_are_in_the_fallback():
 def test_fallback_tiers_order():
     replicas = [ReplicaView(0, 9, frozenset({"a"})), ReplicaView(1, 1), ReplicaView(2, 4, frozenset({"a", "b"})),
                 ReplicaView(3, 0)]
-    holders, others = fallback_tiers("a", replicas, exclude=[replicas[1]])
+    table = RoutingTable(4, {"a": ((1, 1.0),)})
+    first, holders, others = RankAwarePolicy().choose("a", replicas, table, random.Random(0))
+    assert [r.rank for r in first] == [1]
     assert [r.rank for r in holders] == [2, 0]
     assert [r.rank for r in others] == [3]
 
@@ -225,6 +226,26 @@ def test_replica_view_reads_routing_stats():
     full = SimpleNamespace(routing_stats={"rank": 2, "queue_len": 5, "resident_adapters": ["a", "b"]})
     view = replica_view(full)
     assert (view.rank, view.queue_len, view.resident, view.replica) == (2, 5, frozenset({"a", "b"}), full)
+
+
+def test_view_cache_rebuilds_a_view_only_when_its_stats_change():
+    a = SimpleNamespace(routing_stats={"rank": 0, "queue_len": 1, "resident_adapters": ["x"]})
+    b = SimpleNamespace(routing_stats={"rank": 1, "queue_len": 0})
+    cache = ViewCache()
+    first = cache.views([a, b])
+    assert [(v.rank, v.queue_len, v.resident, v.replica) for v in first] == [(0, 1, frozenset({"x"}), a),
+                                                                            (1, 0, frozenset(), b)]
+    again = cache.views([b, a])   # same stats objects: the same views, in the candidates' order
+    assert again[0] is first[1] and again[1] is first[0]
+    a.routing_stats = {"rank": 0, "queue_len": 7, "resident_adapters": ["x", "y"]}   # Serve's next report
+    fresh = cache.views([a, b])
+    assert fresh[0] is not first[0] and (fresh[0].queue_len, fresh[0].resident) == (7, frozenset({"x", "y"}))
+    assert fresh[1] is first[1]
+    others = [SimpleNamespace(routing_stats={"rank": i}) for i in range(40)]   # a and b gone, 40 new replicas
+    cache.views(others)
+    assert len(cache._views) <= 2 * len(others) + 16
+    assert [v.rank for v in cache.views(others[:3])] == [0, 1, 2]
+    assert len(cache._views) == 3   # the replicas no longer among the candidates were dropped
 
 
 # -- TableCache on Redis ------------------------------------------------------------------------------
