@@ -28,6 +28,16 @@ def registry_adapter_info(client: Any, prefix: str) -> AdapterInfo:
     return info
 
 
+def store_adapter_info(store: Any) -> AdapterInfo:
+    """registry_adapter_info through an AdapterStore: a registry lost with a Redis restart is rebuilt from the
+    object store before the solver reads it (the placement controller's source)."""
+
+    def info() -> dict[str, tuple[int, int]]:
+        return {r.adapter_id: (r.max_rank, r.num_bytes) for r in store.list_current()}
+
+    return info
+
+
 @dataclass(slots=True)
 class Rebalancer:
     """Reads demand counters and the current table from Redis, solves, and publishes (compare-and-set).

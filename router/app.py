@@ -259,15 +259,17 @@ class PlacementController:
     def __init__(self, settings: dict | None = None, num_replicas: int | None = None) -> None:
         from lorafleet.infra.config import load_settings
         from lorafleet.infra.demand import redis_client
+        from lorafleet.infra.store import AdapterStore
         from lorafleet.placement.operating_points import OperatingPoints
-        from lorafleet.placement.rebalancer import Rebalancer, registry_adapter_info
+        from lorafleet.placement.rebalancer import Rebalancer, store_adapter_info
 
         cfg = load_settings(**(settings or {}))
         client = redis_client(cfg.redis_url)
         self.num_replicas = num_replicas or cfg.num_replicas
         self.period_s = cfg.rebalance_period_s
+        store = AdapterStore.from_settings(cfg, base=cfg.model_dir)   # its reads rebuild a registry Redis lost
         self.rebalancer = Rebalancer(client, cfg.redis_prefix, OperatingPoints.default(), cfg.rebalance_period_s,
-                                     cfg.max_rank, registry_adapter_info(client, cfg.redis_prefix))
+                                     cfg.max_rank, store_adapter_info(store))
         self.last_report: dict | None = None
         self._stop = threading.Event()
         threading.Thread(target=self._loop, daemon=True, name="lorafleet-rebalance").start()

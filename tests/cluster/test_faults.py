@@ -513,3 +513,36 @@ def test_routes_around_a_dead_replica_and_rebalance_repairs_the_table(served, of
     assert seen <= allowed, (seen, allowed)
     FAULT_COUNTS["table_repair"] = {"ok_right_after_kill": len(ranks), "served_by_other_rank": ranks.count("1"),
                                     "table_version": [table.version, repaired.version]}
+
+
+def test_client_disconnect_mid_stream_aborts_the_generation_on_the_replica(served):
+    """A client that hangs up after 3 chunks of a 2,000-token stream: across the Serve handle the replica's
+    generation stops (nothing in flight, its token count frozen), long before 2,000 tokens."""
+    import ray
+
+    url = served[0]
+    _wait_both_replicas(url)
+
+    def replica_stats() -> list[dict]:
+        return [ray.get(ray.get_actor(n, namespace="serve").record_routing_stats.remote(), timeout=10)
+                for n in sorted(_replica_actors())]
+
+    body = {"model": LOAD_IDS[4], "prompt": PROMPTS[2], "max_tokens": 2000, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        chunks = 0
+        for line in response.iter_lines():
+            chunks += line.startswith("data: ")
+            if chunks == 3:
+                assert sum(s["num_inflight"] for s in replica_stats()) == 1
+                break
+    hung_up = time.monotonic()   # leaving the block closed the connection
+    stopped_s = _wait_until(lambda: sum(s["num_inflight"] + s["queue_len"] for s in replica_stats()) == 0, 10.0,
+                            "the replica aborts the abandoned generation", period_s=0.05)
+    window = sum(s["tokens_per_s"] for s in replica_stats())
+    time.sleep(1.0)
+    assert sum(s["tokens_per_s"] for s in replica_stats()) <= window   # no more tokens since (a 10 s window)
+    assert window * 10 < 2000, window   # far fewer tokens than asked were generated
+    FAULT_COUNTS["client_disconnect"] = {"chunks_read": chunks, "aborted_within_s": round(stopped_s, 2),
+                                         "tokens_in_window": round(window * 10), "since_hang_up_s":
+                                         round(time.monotonic() - hung_up, 2)}

@@ -339,3 +339,17 @@ def test_missing_local_directory_is_not_taken_for_an_empty_store(make_store, ada
     (tmp_path / "away").rename(root)
     time.sleep(registry_recovery.CHECK_INTERVAL_S)
     assert router.current("a").version == 1 and router.recovery.num_recoveries == 1
+
+
+def test_placement_controller_adapter_info_rebuilds_a_lost_registry(make_store, objects, adapter_files,
+                                                                   redis_client, prefix):
+    """The placement controller reads ranks through the store: after a loss the solver still sees every adapter."""
+    from lorafleet.placement.rebalancer import registry_adapter_info, store_adapter_info
+
+    store = make_store(objects)
+    store.push("a", files=adapter_files["lora8"])
+    store.push("b", files=adapter_files["ia3"])
+    expected = {r.adapter_id: (r.max_rank, r.num_bytes) for r in store.list_current()}
+    delete_prefix(redis_client, prefix)
+    assert registry_adapter_info(redis_client, prefix)() == {}   # the bare registry read sees the loss
+    assert store_adapter_info(make_store(objects))() == expected   # another process: rebuilt, then read
