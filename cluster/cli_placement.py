@@ -46,6 +46,7 @@ def rebalance_cmd(
     """Read demand and the current table from Redis, solve, print the diff, publish unless --dry-run."""
     from lorafleet.infra.config import get_settings
     from lorafleet.infra.demand import redis_client
+    from lorafleet.placement.liveness import ReplicaLiveness
     from lorafleet.placement.rebalancer import Rebalancer, registry_adapter_info
 
     settings = get_settings()
@@ -55,7 +56,8 @@ def rebalance_cmd(
     client = redis_client(settings.redis_url)
     rebalancer = Rebalancer(client, settings.redis_prefix, _points(operating_points), settings.rebalance_period_s,
                             settings.max_rank, registry_adapter_info(client, settings.redis_prefix), num_periods)
-    report, change = rebalancer.run(replicas, dry_run=dry_run, seed=seed, max_moves=max_moves)
+    live = ReplicaLiveness(client, settings.redis_prefix).live_ranks(replicas)   # None: no replica beats here
+    report, change = rebalancer.run(replicas, dry_run=dry_run, seed=seed, max_moves=max_moves, live_ranks=live)
     if as_json:
         typer.echo(json.dumps(report))
         return
@@ -85,6 +87,8 @@ def _print_rebalance(report: dict, change) -> None:
     console.print(loads)
     state = f"published version {report['version']}" if report["published"] else "dry run: nothing published"
     console.print(f"{state}; {report['num_adapters']} adapters, {report['num_unknown_rank']} with unknown rank")
+    if report.get("dead_replicas"):
+        console.print(f"replicas without a heartbeat (placed nothing there): {report['dead_replicas']}")
 
 
 def simulate_cmd(

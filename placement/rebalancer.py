@@ -9,6 +9,7 @@ from typing import Any
 from lorafleet.infra.demand import DemandCounters
 from lorafleet.infra.errors import InvalidPlacement
 from lorafleet.placement.demand import DemandEstimator
+from lorafleet.placement.liveness import compact_previous, expand_placement
 from lorafleet.placement.operating_points import OperatingPoints
 from lorafleet.placement.solver import AdapterLoad, solve
 from lorafleet.placement.table_diff import TableDiff, diff
@@ -59,11 +60,17 @@ class Rebalancer:
                 f"num_periods must be >= 1 and period_s > 0, got {self.num_periods}, {self.period_s}"
             )
 
-    def run(self, num_replicas: int, *, dry_run: bool = False, seed: int = 0, max_moves: int = 20
-            ) -> tuple[dict, TableDiff]:
-        """Solve for `num_replicas`; publish unless dry_run. Returns (report, diff)."""
+    def run(self, num_replicas: int, *, dry_run: bool = False, seed: int = 0, max_moves: int = 20,
+            live_ranks: list[int] | None = None) -> tuple[dict, TableDiff]:
+        """Solve for `num_replicas`; publish unless dry_run. Returns (report, diff).
+
+        `live_ranks` (e.g. ReplicaLiveness.live_ranks): solve over those ranks only; None = every rank.
+        """
         if num_replicas < 1:
             raise InvalidPlacement(f"--num-replicas must be >= 1, got {num_replicas}")
+        live = sorted(set(live_ranks)) if live_ranks else list(range(num_replicas))
+        if live[0] < 0 or live[-1] >= num_replicas:
+            raise InvalidPlacement(f"live ranks {live} are not all in 0..{num_replicas - 1}")
         store = RoutingTableStore(self.redis, self.prefix)
         version = store.version()
         previous = store.load()
@@ -78,7 +85,11 @@ class Rebalancer:
             AdapterLoad(a, info.get(a, (self.max_rank, 0))[0], d, info.get(a, (0, 0))[1])
             for a, d in sorted(rates.items())
         ]
-        placement = solve(loads, self.points, num_replicas, previous=previous, seed=seed)
+        if len(live) == num_replicas:
+            placement = solve(loads, self.points, num_replicas, previous=previous, seed=seed)
+        else:   # some ranks have no heartbeat: place on the live ones, renumbered, then back on their ranks
+            compact = solve(loads, self.points, len(live), previous=compact_previous(previous, live), seed=seed)
+            placement = expand_placement(compact, live, num_replicas)
         change = diff(previous, placement.table, rates)
         table = placement.table if dry_run else store.publish(placement.table, expected_version=version)
         report = {
@@ -86,6 +97,7 @@ class Rebalancer:
             "version": None if dry_run else table.version,
             "previous_version": version or None,
             "num_replicas": num_replicas,
+            "dead_replicas": sorted(set(range(num_replicas)) - set(live)),
             "num_adapters": len(table.entries),
             "num_unknown_rank": len(unknown),
             "class_budgets": {str(c): b for c, b in placement.class_budgets.items()},

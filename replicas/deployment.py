@@ -69,6 +69,7 @@ class ReplicaServer:
     def __init__(self, model_dir: str, engine_kwargs: dict | None = None, settings: dict | None = None,
                  use_store: bool = True, max_queued_requests: int | None = None) -> None:
         source, counters = None, None
+        self.liveness: Any = None   # heartbeats for placement (ReplicaLiveness), with a store only
         if use_store:
             from lorafleet.infra.config import load_settings
             from lorafleet.infra.demand import DemandCounters
@@ -78,6 +79,9 @@ class ReplicaServer:
             store = AdapterStore.from_settings(cfg, base=model_dir)
             source = store.source()
             counters = DemandCounters(store.redis, cfg.redis_prefix)
+            from lorafleet.placement.liveness import ReplicaLiveness
+
+            self.liveness = ReplicaLiveness(store.redis, cfg.redis_prefix)
         self.engine = Engine.from_pretrained(model_dir, adapter_source=source, **(engine_kwargs or {}))
         if source is not None:  # a pushed new version or a removal drops this replica's stale copy
             source.add_listener(lambda event: self.engine.unload_adapter(event.adapter_id))
@@ -189,6 +193,16 @@ class ReplicaDeployment(ReplicaServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.rank = serve.get_replica_context().rank.rank
+        if self.liveness is not None:   # placement solves over the ranks that beat (placement/liveness.py)
+            from lorafleet.placement.liveness import start_heartbeat
+
+            self._heartbeat = start_heartbeat(self.liveness, lambda: self.rank,
+                                              lambda: {"queue_len": self._queue_len(), "inflight": self._num_inflight})
+
+    def __del__(self) -> None:
+        heartbeat = getattr(self, "_heartbeat", None)
+        if heartbeat is not None:
+            heartbeat.set()
 
     def record_routing_stats(self) -> dict:
         return self.routing_stats()

@@ -260,6 +260,7 @@ class PlacementController:
         from lorafleet.infra.config import load_settings
         from lorafleet.infra.demand import redis_client
         from lorafleet.infra.store import AdapterStore
+        from lorafleet.placement.liveness import ReplicaLiveness
         from lorafleet.placement.operating_points import OperatingPoints
         from lorafleet.placement.rebalancer import Rebalancer, store_adapter_info
 
@@ -268,6 +269,7 @@ class PlacementController:
         self.num_replicas = num_replicas or cfg.num_replicas
         self.period_s = cfg.rebalance_period_s
         store = AdapterStore.from_settings(cfg, base=cfg.model_dir)   # its reads rebuild a registry Redis lost
+        self.liveness = ReplicaLiveness(client, cfg.redis_prefix)
         self.rebalancer = Rebalancer(client, cfg.redis_prefix, OperatingPoints.default(), cfg.rebalance_period_s,
                                      cfg.max_rank, store_adapter_info(store))
         self.last_report: dict | None = None
@@ -281,7 +283,8 @@ class PlacementController:
     def rebalance(self) -> dict | None:
         """One period now; returns the last successful report."""
         try:
-            self.last_report, _ = self.rebalancer.run(self.num_replicas)
+            live = self.liveness.live_ranks(self.num_replicas)   # a replica that died and stayed dead: left out
+            self.last_report, _ = self.rebalancer.run(self.num_replicas, live_ranks=live)
         except Exception as exc:  # Redis down or nothing to place: keep the current table, retry next period
             logger.warning("rebalance skipped: %s", exc)
         return self.last_report

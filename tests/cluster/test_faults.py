@@ -498,8 +498,12 @@ def test_routes_around_a_dead_replica_and_rebalance_repairs_the_table(served, of
         _assert_correct(response, offline_answers, pinned, PROMPTS[i % len(PROMPTS)])
         ranks.append(response.headers[REPLICA_HEADER])
     _wait_both_replicas(url)
+    from lorafleet.placement.liveness import ReplicaLiveness
+
+    assert ReplicaLiveness(tables.redis, settings.redis_prefix).live_ranks(2) == [0, 1]   # both beat again
     report = httpx.post(f"{url}/v1/placement/rebalance", timeout=120)
     assert report.status_code == 200, report.text
+    assert report.json()["dead_replicas"] == [], report.json()
     repaired = tables.load()
     assert repaired.version > table.version and repaired.num_replicas == 2
     allowed = {str(r) for r, p in repaired.probabilities(pinned).items() if p > 0}
