@@ -25,7 +25,9 @@ DEMAND_FLUSH_S = 1.0
 class DemandBuffer:
     """Per-adapter token/request counts summed in memory and flushed to Redis about once a second.
 
-    A Redis outage drops the counts of that period (placement is approximate by design); serving never waits.
+    The flush runs on a worker thread, one at a time: a slow or blackholed Redis (each call waiting for its
+    socket timeout) never stalls the replica's event loop. A Redis outage drops the counts of that period
+    (placement is approximate by design); serving never waits.
     """
 
     def __init__(self, counters: Any | None) -> None:
@@ -33,6 +35,7 @@ class DemandBuffer:
         self._pending: dict[str, list[int]] = {}
         self._lock = threading.Lock()
         self._last_flush = time.monotonic()
+        self._flushing = threading.Event()   # set while a flush thread runs
 
     def add(self, adapter_id: str | None, num_tokens: int) -> None:
         if adapter_id is None or self.counters is None:
@@ -42,19 +45,32 @@ class DemandBuffer:
             entry[0] += num_tokens
             entry[1] += 1
 
-    def flush_if_due(self, now: float | None = None) -> None:
+    def flush_if_due(self, now: float | None = None, *, wait: bool = False) -> None:
+        """Start a flush when one is due and none is running; `wait` joins it (tests, shutdown)."""
         now = time.monotonic() if now is None else now
-        if self.counters is None or now - self._last_flush < DEMAND_FLUSH_S:
+        if self.counters is None or now - self._last_flush < DEMAND_FLUSH_S or self._flushing.is_set():
             return
         with self._lock:
             pending, self._pending = self._pending, {}
             self._last_flush = now
-        for adapter_id, (tokens, requests) in pending.items():
-            try:
-                self.counters.record(adapter_id, tokens, requests)
-            except LoRAFleetError as exc:
-                logger.warning("demand counters not recorded: %s", exc)
-                return
+        if not pending:
+            return
+        self._flushing.set()
+        thread = threading.Thread(target=self._flush, args=(pending,), daemon=True, name="lorafleet-demand")
+        thread.start()
+        if wait:
+            thread.join()
+
+    def _flush(self, pending: dict[str, list[int]]) -> None:
+        try:
+            for adapter_id, (tokens, requests) in pending.items():
+                try:
+                    self.counters.record(adapter_id, tokens, requests)
+                except LoRAFleetError as exc:
+                    logger.warning("demand counters not recorded: %s", exc)
+                    return
+        finally:
+            self._flushing.clear()
 
 
 class ReplicaServer:

@@ -36,6 +36,8 @@ from lorafleet.router.schemas import (
     new_id,
 )
 
+REGISTRY_RETRY_S = 2.0   # after a failed registry lookup, route without one for this long
+
 
 class Backend(Protocol):
     """Sends one request dict to a replica; yields its stream items (see ReplicaServer.generate)."""
@@ -93,6 +95,7 @@ class RouterCore:
         self.controller = controller  # PlacementController handle (POST /v1/placement/rebalance)
         self.auth = auth or ApiKeys()   # no keys: open
         self.limiter = InflightLimiter(config.max_inflight_requests)
+        self._registry_down_until = 0.0   # monotonic time before which resolve_model skips the registry
 
     # -- model names ------------------------------------------------------------------------------
     def resolve_model(self, model: str, tenant: Tenant = OPEN) -> str | None:
@@ -104,19 +107,21 @@ class RouterCore:
         adapter_id = model.split(":", 1)[1] if model.startswith(f"{base}:") else model
         if not is_valid_adapter_id(adapter_id) or not tenant.can_use(adapter_id):
             raise AdapterNotFound(f"model '{model}' does not exist")
-        if self.store is not None:
+        if self.store is not None and time.monotonic() >= self._registry_down_until:
             try:
                 self.store.current(adapter_id)
             except AdapterNotFound:
                 raise AdapterNotFound(f"model '{model}' does not exist") from None
             except StoreUnavailable:
-                pass  # registry down: let the replica try (it may hold the adapter)
+                # Registry down or hanging: let the replica try (it may hold the adapter), and skip the registry
+                # for REGISTRY_RETRY_S, so a blackholed Redis costs one request its timeout, not every request.
+                self._registry_down_until = time.monotonic() + REGISTRY_RETRY_S
         return adapter_id
 
     async def _resolve(self, model: str, tenant: Tenant) -> str | None:
         """resolve_model off the event loop when it asks the registry (a Redis round trip; after a Redis loss, the
         registry's rebuild from the object store), so one slow lookup does not stall every stream."""
-        if self.store is None:
+        if self.store is None or time.monotonic() < self._registry_down_until:
             return self.resolve_model(model, tenant)
         return await asyncio.to_thread(self.resolve_model, model, tenant)
 

@@ -84,3 +84,39 @@ def in_process_cli(capsys, *leading: str):
         return code, out, err
 
     return run
+
+
+class Blackhole:
+    """A TCP server on 127.0.0.1 that accepts connections and never answers: a hung Redis (network partition,
+    stopped process) rather than a refused one. `with Blackhole() as url:` gives a redis:// URL to it."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True, name="blackhole")
+
+    def _accept(self) -> None:
+        self.sock.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.conns.append(conn)   # held open, never read or written
+
+    def __enter__(self) -> str:
+        self._thread.start()
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        for conn in self.conns:
+            conn.close()
+        self.sock.close()

@@ -1,0 +1,83 @@
+"""A hung Redis (connections accepted, never answered) degrades serving by at most one timeout, never stalls it:
+the router skips the registry for a while after a failed lookup, and the replica flushes demand off its loop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import redis
+from lf_testing import Blackhole
+
+from lorafleet.infra.demand import DemandCounters
+from lorafleet.infra.object_store import LocalDirObjectStore
+from lorafleet.infra.store import AdapterStore
+from lorafleet.replicas.deployment import DemandBuffer
+from lorafleet.router import core as router_core
+from lorafleet.router.app import create_app
+from lorafleet.router.core import RouterConfig
+
+BASE = "tiny"
+TIMEOUT_S = 0.5
+
+
+def hung_client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_connect_timeout=TIMEOUT_S, socket_timeout=TIMEOUT_S)
+
+
+def test_router_pays_the_timeout_once_per_window_and_serves_cached_adapters(make_core, hardening_replica, tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.setattr(router_core, "REGISTRY_RETRY_S", 30.0)   # one window for the whole test
+    with Blackhole() as url:
+        store = AdapterStore(LocalDirObjectStore(tmp_path / "store"), hung_client(url), "lftest-hung")
+        core = make_core(RouterConfig(BASE), store=store)
+        app = create_app(lambda: core)
+
+        async def run() -> list[tuple[float, httpx.Response]]:
+            transport = httpx.ASGITransport(app=app)
+            out = []
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+                for i in range(8):
+                    body = {"model": ("alpha-lora", "gamma-ia3")[i % 2], "prompt": "Hello", "max_tokens": 4,
+                            "temperature": 0}
+                    start = time.monotonic()
+                    response = await client.post("/v1/completions", json=body)
+                    out.append((time.monotonic() - start, response))
+            return out
+
+        results = asyncio.run(run())
+    for _, response in results:   # the replica holds both adapters: every request is answered
+        assert response.status_code == 200, response.text
+    slow = [seconds for seconds, _ in results if seconds >= TIMEOUT_S]
+    assert len(slow) == 1 and results[0][0] >= TIMEOUT_S, [round(s, 3) for s, _ in results]   # only the first
+    assert max(seconds for seconds, _ in results[1:]) < TIMEOUT_S
+
+
+def test_demand_flush_never_blocks_the_caller_on_a_hung_redis():
+    with Blackhole() as url:
+        buffer = DemandBuffer(DemandCounters(hung_client(url), "lftest-hung"))
+        buffer.add("a", 10)
+        start = time.monotonic()
+        buffer.flush_if_due(now=time.monotonic() + 2.0)   # due: starts the flush on a worker thread
+        assert time.monotonic() - start < 0.1   # the caller (the replica's event loop) did not wait
+        buffer.add("a", 5)
+        buffer.flush_if_due(now=time.monotonic() + 4.0)   # the first flush still hangs: none started
+        assert buffer._pending == {"a": [5, 1]}
+        deadline = time.monotonic() + 10
+        while buffer._flushing.is_set():   # the hung call times out; the counts of that period are dropped
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        buffer.flush_if_due(now=time.monotonic() + 6.0, wait=True)
+        assert buffer._pending == {}
+
+
+def test_demand_flush_records_on_a_healthy_redis(redis_prefix):
+    client, prefix = redis_prefix
+    counters = DemandCounters(client, prefix)
+    buffer = DemandBuffer(counters)
+    for _ in range(3):
+        buffer.add("a", 7)
+    buffer.add(None, 100)   # the base model is not counted
+    buffer.flush_if_due(now=time.monotonic() + 2.0, wait=True)
+    assert counters.window(60) == {"a": (21, 3)}
