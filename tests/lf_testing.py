@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 
@@ -120,3 +121,71 @@ class Blackhole:
         for conn in self.conns:
             conn.close()
         self.sock.close()
+
+
+class FreezableProxy:
+    """A TCP proxy to host:port that can freeze: while frozen, bytes stop flowing both ways on every connection
+    (old and new), like a network partition to a hung server; thaw() lets them flow again. `url` is redis://."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
+        import threading
+
+        self.upstream = (host, port)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.url = f"redis://127.0.0.1:{self.sock.getsockname()[1]}/0"
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self._stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True, name="proxy-accept").start()
+
+    def freeze(self) -> None:
+        self.flowing.clear()
+
+    def thaw(self) -> None:
+        self.flowing.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.flowing.set()
+        self.sock.close()
+
+    def _accept(self) -> None:
+        import threading
+
+        self.sock.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                continue
+            try:
+                server = socket.create_connection(self.upstream, timeout=2)
+            except OSError:
+                client.close()   # upstream down: refused, as Redis itself would be
+                continue
+            for src, dst in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True, name="proxy-pump").start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        import select
+
+        try:
+            while not self._stop.is_set():
+                self.flowing.wait()
+                ready, _, _ = select.select([src], [], [], 0.1)
+                if not ready or not self.flowing.is_set():
+                    continue
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()

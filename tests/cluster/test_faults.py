@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from lf_testing import FreezableProxy
 
 from lorafleet.cluster.demo import DEMO_ADAPTERS, prepare_assets
 from lorafleet.cluster.serving import serve_app
@@ -87,8 +88,9 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     model_dir, adapters = prepare_assets(root)
     server = PrivateRedis(root).start()
+    server.proxy = FreezableProxy(server.port)   # the app reaches Redis through it: freeze() = Redis hangs
     settings = load_settings(
-        model_dir=str(model_dir), store_url=str(root / "store"), redis_url=server.url,
+        model_dir=str(model_dir), store_url=str(root / "store"), redis_url=server.proxy.url, store_timeout_s=1.0,
         redis_prefix=f"lffault-{uuid.uuid4().hex[:8]}", num_replicas=2, http_port=_free_port(),
         base_model_name="tiny", max_num_seqs=OVERLOAD["max_num_seqs"], max_batched_tokens=512,
         kv_cache_bytes=32 << 20, max_adapters=8, max_rank=64, rebalance_period_s=3600.0,
@@ -102,6 +104,7 @@ def served(tmp_path_factory):
         with serve_app(settings, num_cpus=2) as url:
             yield url, settings, adapters, model_dir, server, store
     finally:
+        server.proxy.close()
         server.stop()
         print(f"\nfault counts: {FAULT_COUNTS}")
 
@@ -320,6 +323,46 @@ def test_redis_stopped_cached_adapters_serve_uploads_503_then_recover(served, of
     FAULT_COUNTS["redis_outage"] = {"served_during_outage": served_ok, "failed_during_outage": 0,
                                     "uploads_503": 1, "first_after_restart_status": first.status_code,
                                     "first_after_restart_s": round(recovered_s, 2)}
+
+
+def test_redis_hung_cached_adapters_serve_without_stalls_then_recover(served, offline_answers):
+    """Redis hangs (a partition: connections open, no bytes flow) under load: cached adapters and the base model
+    keep serving, only a few requests pay the Redis timeout (1 s here), uploads answer 503 instead of hanging;
+    after the thaw everything works again without a restart."""
+    url, _, adapters, _, server, _ = served
+    _wait_both_replicas(url)
+    warm = LOAD_IDS[1:4]
+    for adapter_id in warm:
+        _warm(url, adapter_id, offline_answers)
+    server.proxy.freeze()
+    try:
+        pairs = [(a, p) for p in PROMPTS[:3] for a in [None, *warm]]  # 12 requests at concurrency 2
+        start = time.monotonic()
+        records = _run_load(url, pairs, concurrency=2)
+        load_s = time.monotonic() - start
+        for r in records:
+            assert r["response"] is not None, r.get("exc")
+            _assert_correct(r["response"], offline_answers, *r["pair"])
+        slow = [r for r in records if r["end"] - r["start"] >= 1.0]
+        # Only the lookups under way when a 2 s breaker window opens pay the timeout (at most the concurrency per
+        # window): a few requests, not every one.
+        assert len(slow) <= 2 * (1 + int(load_s / 2.0)), ([round(r["end"] - r["start"], 2) for r in records],
+                                                           load_s)
+        upload_start = time.monotonic()
+        upload = _upload(url, "hung-upload", adapters[ADAPTER_IDS[0]])
+        upload_s = time.monotonic() - upload_start
+        assert _assert_openai_error(upload, 503)["code"] == "store_unavailable" and upload_s < 15, upload_s
+        health = httpx.get(f"{url}/healthz", timeout=30)
+        assert health.status_code == 200 and health.json()["redis"] == "unavailable"
+    finally:
+        server.proxy.thaw()
+    _wait_until(lambda: httpx.get(f"{url}/healthz", timeout=10).json()["redis"] == "ok", 30.0, "healthz ok again")
+    upload = _upload(url, "hung-upload", adapters[ADAPTER_IDS[0]])
+    assert upload.status_code == 201, upload.text
+    new_id = LOAD_IDS[6]  # a cold adapter after the thaw: fetched through Redis again
+    _assert_correct(_complete(url, new_id, PROMPTS[1]), offline_answers, new_id, PROMPTS[1])
+    FAULT_COUNTS["redis_hung"] = {"served": len(records), "failed": 0, "slow_over_1s": len(slow),
+                                  "load_s": round(load_s, 1), "upload_503_s": round(upload_s, 1)}
 
 
 def test_object_store_unreachable_cold_503_warm_serve(served, offline_answers):
