@@ -62,12 +62,15 @@ def engine_cmd(
     preset: str = typer.Option("small", help="Preset to make when no --model-dir is given."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     out_dir: Path = typer.Option(Path("benchmarks/results"), help="Where the raw JSON goes."),
+    threads: int | None = typer.Option(None, min=1, help="torch threads (1 gives steadier numbers on a shared "
+                                                          "CPU; default: torch's)."),
 ) -> None:
     """Multi-adapter engine throughput and latency vs the base model, by adapter count and rank mix."""
     from lorafleet.replicas.bench import run_engine_bench
 
-    run_engine_bench(model_dir, quick=quick, preset=preset, device=device, out_dir=out_dir,
-                     command="lorafleet bench engine" + (" --quick" if quick else ""))
+    command = "lorafleet bench engine" + (" --quick" if quick else "") + (f" --threads {threads}" if threads else "")
+    run_engine_bench(model_dir, quick=quick, preset=preset, device=device, out_dir=out_dir, num_threads=threads,
+                     command=command)
 
 
 @bench_app.command("router")
