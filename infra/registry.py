@@ -55,6 +55,7 @@ class Registry:
         self._remove = client.register_script(registry_lua.REMOVE)
         self._begin_purge = client.register_script(registry_lua.BEGIN_PURGE)
         self._restore = client.register_script(registry_lua.RESTORE)
+        self._raise_seq = client.register_script(registry_lua.RAISE_SEQ)
         self._finish_recovery = client.register_script(registry_lua.FINISH_RECOVERY)
         self._keep_lock = client.register_script(registry_lua.KEEP_LOCK)
         self._release_lock = client.register_script(registry_lua.RELEASE_LOCK)
@@ -200,6 +201,11 @@ class Registry:
             args += [record.version, record.to_json()]
         with self._guard(f"restore '{adapter_id}'"):
             return self._restore(keys=keys, args=args).decode()
+
+    def raise_seq(self, adapter_id: str, floor: int) -> None:
+        """Never hand out a version number <= floor again (numbers seen in manifests a rebuild could not read)."""
+        with self._guard(f"raise the version counter of '{adapter_id}'"):
+            self._raise_seq(keys=[self.seq_key(adapter_id)], args=[floor])
 
     def marker_state(self) -> str:
         """'lost' (no marker), 'rebuilt' (marker set by a rebuild in the last seconds) or 'intact'; one round

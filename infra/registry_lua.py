@@ -14,6 +14,15 @@ end
 return v
 """
 
+# KEYS: seq. ARGV: floor. The version counter at least `floor` (a rebuild: numbers of damaged manifests stay used).
+RAISE_SEQ = """
+local v = tonumber(redis.call('GET', KEYS[1]) or '0')
+if v < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
 # KEYS: registry, versions, deleted, epoch, purging, marker. ARGV: id, version, record, epoch seen before the
 # blobs were written, channel, event, now, purge grace seconds, refs key prefix, sha256...
 # Returns {'ok'} | {'lost'} (no marker: Redis lost the registry, rebuild it first) | {'retry', why} (a purge may

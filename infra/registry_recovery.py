@@ -22,7 +22,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
-from lorafleet.infra.errors import InvalidAdapterId, ObjectNotFound, StoreUnavailable
+from lorafleet.infra.errors import AdapterCorrupt, InvalidAdapterId, ObjectNotFound, StoreUnavailable
 from lorafleet.infra.object_store import manifest_key
 from lorafleet.infra.single_flight import SingleFlight
 from lorafleet.infra.version_record import VersionRecord, check_adapter_id
@@ -90,7 +90,8 @@ class RegistryRecovery:
         """Make sure the registry is complete (no rate limit); True if it was rebuilt. is_push: the caller is
         about to write to the object store, so an empty one that does not answer reads yet (a local directory
         not created yet) counts as empty."""
-        was_rebuilt, _ = self._flight.do("ensure", lambda: self._ensure(is_push))
+        # Pushes and reads do not share a flight: they differ on an empty store that does not answer reads yet.
+        was_rebuilt, _ = self._flight.do(f"ensure:{is_push}", lambda: self._ensure(is_push))
         return was_rebuilt
 
     def _ensure(self, is_push: bool) -> bool:
@@ -170,6 +171,17 @@ class RegistryRecovery:
                     self.registry.unlock_recovery(token)
         return counts
 
+    def _read_manifest(self, key: str, parse):
+        """parse(the object at key), or None for one purged since the listing or damaged (logged and skipped: one
+        bad manifest must not stop the rebuild of every other adapter). StoreUnavailable still raises."""
+        try:
+            return parse(self.objects.get(key))
+        except ObjectNotFound:
+            return None
+        except (ValueError, KeyError, TypeError, AdapterCorrupt) as exc:   # JSONDecodeError is a ValueError
+            log.warning("reindex: skipping damaged manifest %s (%s: %s)", key, exc.__class__.__name__, exc)
+            return None
+
     def _reindex(self, keys: list[str], token: str | None) -> dict[str, int]:
         """Restore every adapter the manifest keys describe; returns how many are live / deleted afterwards and
         how many versions were read. Extends the lock `token` as it goes (a big S3 store takes a while)."""
@@ -187,9 +199,14 @@ class RegistryRecovery:
             except InvalidAdapterId:
                 log.warning("reindex: skipping %s (not an adapter id)", manifest_key(adapter_id, ""))
                 continue
-            records = [VersionRecord.from_json(self.objects.get(k)) for k in found["versions"]]
-            tomb = json.loads(self.objects.get(found["tombstone"][0])) if found["tombstone"] else None
+            records = [r for r in (self._read_manifest(k, VersionRecord.from_json) for k in found["versions"]) if r]
+            tomb = self._read_manifest(found["tombstone"][0], json.loads) if found["tombstone"] else None
+            if not records and tomb is None:
+                continue   # nothing readable left (purged meanwhile, or every manifest damaged)
             counts[self.registry.restore(adapter_id, records, tomb)] += 1
+            top = max((manifest_version(k) or 0 for k in found["versions"]), default=0)
+            if top > max((r.version for r in records), default=0):   # a damaged manifest held the newest number
+                self.registry.raise_seq(adapter_id, top)
             counts["num_versions"] += len(records)
             if token is not None and time.monotonic() - kept_at > LOCK_TTL_S / 3:
                 self.registry.keep_recovery_lock(token, LOCK_TTL_S)

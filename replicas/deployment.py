@@ -46,7 +46,7 @@ class DemandBuffer:
             entry[1] += 1
 
     def flush_if_due(self, now: float | None = None, *, wait: bool = False) -> None:
-        """Start a flush when one is due and none is running; `wait` joins it (tests, shutdown)."""
+        """Start a flush when one is due and none is running; `wait` joins it (tests)."""
         now = time.monotonic() if now is None else now
         if self.counters is None or now - self._last_flush < DEMAND_FLUSH_S or self._flushing.is_set():
             return

@@ -37,6 +37,9 @@ from lorafleet.router.schemas import (
 )
 
 REGISTRY_RETRY_S = 2.0   # after a failed registry lookup, route without one for this long
+SLOW_LOOKUP_S = 0.25     # a registry lookup running longer than this (a round trip is ~1 ms): Redis may hang
+KNOWN_TTL_S = 1.0        # an adapter the registry just confirmed is not asked about again for this long
+KNOWN_MAX = 100_000
 
 
 class Backend(Protocol):
@@ -96,9 +99,11 @@ class RouterCore:
         self.auth = auth or ApiKeys()   # no keys: open
         self.limiter = InflightLimiter(config.max_inflight_requests)
         self._registry_down_until = 0.0   # monotonic time before which resolve_model skips the registry
+        self._lookups: dict[int, float] = {}   # registry lookups under way (event loop only) -> start time
+        self._known: dict[str, float] = {}     # adapter id -> until when the registry's "exists" holds here
 
     # -- model names ------------------------------------------------------------------------------
-    def resolve_model(self, model: str, tenant: Tenant = OPEN) -> str | None:
+    def resolve_model(self, model: str, tenant: Tenant = OPEN, *, check_registry: bool = True) -> str | None:
         """Adapter id for `model` (None = the base model). Accepts `id`, the base name, or `base:id`.
         Another tenant's adapter is 'does not exist' (404, not 403), decided before the registry is asked."""
         base = self.config.base_model_name
@@ -107,9 +112,14 @@ class RouterCore:
         adapter_id = model.split(":", 1)[1] if model.startswith(f"{base}:") else model
         if not is_valid_adapter_id(adapter_id) or not tenant.can_use(adapter_id):
             raise AdapterNotFound(f"model '{model}' does not exist")
-        if self.store is not None and time.monotonic() >= self._registry_down_until:
+        now = time.monotonic()
+        if (check_registry and self.store is not None and now >= self._registry_down_until
+                and self._known.get(adapter_id, 0.0) < now):
             try:
                 self.store.current(adapter_id)
+                if len(self._known) > KNOWN_MAX:
+                    self._known.clear()
+                self._known[adapter_id] = now + KNOWN_TTL_S
             except AdapterNotFound:
                 raise AdapterNotFound(f"model '{model}' does not exist") from None
             except StoreUnavailable:
@@ -121,9 +131,20 @@ class RouterCore:
     async def _resolve(self, model: str, tenant: Tenant) -> str | None:
         """resolve_model off the event loop when it asks the registry (a Redis round trip; after a Redis loss, the
         registry's rebuild from the object store), so one slow lookup does not stall every stream."""
-        if self.store is None or time.monotonic() < self._registry_down_until:
-            return self.resolve_model(model, tenant)
-        return await asyncio.to_thread(self.resolve_model, model, tenant)
+        now, base = time.monotonic(), self.config.base_model_name
+        adapter_id = model.split(":", 1)[1] if model.startswith(f"{base}:") else model
+        if self.store is None or model == base or self._known.get(adapter_id, 0.0) >= now:
+            return self.resolve_model(model, tenant)   # no registry round trip: nothing to take off the loop
+        if now < self._registry_down_until or any(now - t > SLOW_LOOKUP_S for t in self._lookups.values()):
+            # Redis failed lately, or a lookup already hangs: route without the registry instead of queueing
+            # every request (and a worker thread each) behind the same timeout.
+            return self.resolve_model(model, tenant, check_registry=False)
+        token = object()
+        self._lookups[id(token)] = now
+        try:
+            return await asyncio.to_thread(self.resolve_model, model, tenant)
+        finally:
+            del self._lookups[id(token)]
 
     def list_models(self, tenant: Tenant = OPEN) -> ModelList:
         base = self.config.base_model_name

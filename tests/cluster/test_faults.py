@@ -543,7 +543,9 @@ def test_routes_around_a_dead_replica_and_rebalance_repairs_the_table(served, of
     _wait_both_replicas(url)
     from lorafleet.placement.liveness import ReplicaLiveness
 
-    assert ReplicaLiveness(tables.redis, settings.redis_prefix).live_ranks(2) == [0, 1]   # both beat again
+    liveness = ReplicaLiveness(tables.redis, settings.redis_prefix)
+    _wait_until(lambda: liveness.live_ranks(2) is None, 15.0, "no rank known dead (both beat again)")
+    assert tables.redis.smembers(f"{settings.redis_prefix}:replicas:seen") == {b"0", b"1"}
     report = httpx.post(f"{url}/v1/placement/rebalance", timeout=120)
     assert report.status_code == 200, report.text
     assert report.json()["dead_replicas"] == [], report.json()

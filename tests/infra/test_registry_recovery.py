@@ -353,3 +353,25 @@ def test_placement_controller_adapter_info_rebuilds_a_lost_registry(make_store, 
     delete_prefix(redis_client, prefix)
     assert registry_adapter_info(redis_client, prefix)() == {}   # the bare registry read sees the loss
     assert store_adapter_info(make_store(objects))() == expected   # another process: rebuilt, then read
+
+
+def test_a_damaged_or_vanished_manifest_does_not_stop_the_rebuild(make_store, objects, adapter_files, redis_client,
+                                                                  prefix, caplog):
+    from lorafleet.infra.object_store import manifest_key
+    from lorafleet.infra.store import manifest_name
+
+    store = make_store(objects)
+    store.push("good", files=adapter_files["lora8"])
+    store.push("bad", files=adapter_files["ia3"])
+    store.push("bad", files=adapter_files["lora4"])
+    objects.put(manifest_key("bad", manifest_name(2)), b"{not json")   # v2's manifest damaged
+    objects.put(manifest_key("gone", manifest_name(1)), b"{}")         # a record missing every field
+    delete_prefix(redis_client, prefix)
+    other = make_store(objects)
+    with caplog.at_level("WARNING"):
+        assert other.current("good").version == 1   # rebuilt despite the damaged manifests
+    assert other.current("bad").version == 1   # its readable version is back; the damaged one is skipped
+    with pytest.raises(AdapterNotFound):
+        other.current("gone")
+    assert "skipping damaged manifest" in caplog.text and "bad" in caplog.text
+    assert store.push("bad", files=adapter_files["lora8"]).version == 3   # numbering still counts the damaged v2

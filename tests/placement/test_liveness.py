@@ -20,10 +20,12 @@ def test_live_ranks_follow_heartbeats_and_their_ttl(redis_prefix):
     assert liveness.live_ranks(4) is None   # nobody beats: unknown, not "all dead"
     liveness.beat(2, {"queue_len": 3})
     liveness.beat(0, ttl_s=0.2)
-    assert liveness.live_ranks(4) == [0, 2]
-    assert liveness.live_ranks(2) == [0]   # ranks past num_replicas are not asked
+    assert liveness.live_ranks(4) is None   # none known dead (ranks 1 and 3 never beat: still starting)
     time.sleep(0.35)
-    assert liveness.live_ranks(4) == [2]   # rank 0 stopped beating: gone after its TTL
+    assert liveness.live_ranks(4) == [1, 2, 3]   # rank 0 beat, then stopped: dead after its TTL
+    assert liveness.live_ranks(1) is None   # every asked rank silent: unknown, not "all dead"
+    liveness.beat(0)
+    assert liveness.live_ranks(4) is None   # back
 
 
 def test_heartbeat_thread_beats_until_stopped(redis_prefix):
@@ -33,12 +35,13 @@ def test_heartbeat_thread_beats_until_stopped(redis_prefix):
     stop = start_heartbeat(liveness, lambda: rank[0], lambda: {"queue_len": 0}, period_s=0.05)
     try:
         time.sleep(0.2)
-        assert liveness.live_ranks(2) is None   # no rank yet: nothing written
+        assert not client.exists(f"{prefix}:replicas:seen")   # no rank yet: nothing written
         rank[0] = 1
         deadline = time.monotonic() + 5
-        while liveness.live_ranks(2) != [1]:
+        while not client.exists(f"{prefix}:replicas:live:1"):
             assert time.monotonic() < deadline
             time.sleep(0.02)
+        assert client.smembers(f"{prefix}:replicas:seen") == {b"1"}
     finally:
         stop.set()
 

@@ -54,6 +54,48 @@ def test_router_pays_the_timeout_once_per_window_and_serves_cached_adapters(make
     assert max(seconds for seconds, _ in results[1:]) < TIMEOUT_S
 
 
+def test_requests_arriving_while_a_lookup_hangs_do_not_wait_for_it(make_core, hardening_replica, tmp_path):
+    """One registry lookup hangs; requests arriving 0.3 s later (past SLOW_LOOKUP_S) route without the registry
+    instead of queueing behind the same timeout."""
+    with Blackhole() as url:
+        store = AdapterStore(LocalDirObjectStore(tmp_path / "store"), hung_client(url), "lftest-hung")
+        core = make_core(RouterConfig(BASE), store=store)
+        app = create_app(lambda: core)
+        body = {"prompt": "Hello", "max_tokens": 4, "temperature": 0}
+
+        async def timed(client: httpx.AsyncClient, model: str) -> tuple[float, int]:
+            start = time.monotonic()
+            response = await client.post("/v1/completions", json=body | {"model": model})
+            return time.monotonic() - start, response.status_code
+
+        async def run() -> tuple[tuple[float, int], list[tuple[float, int]]]:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+                first = asyncio.create_task(timed(client, "alpha-lora"))
+                await asyncio.sleep(router_core.SLOW_LOOKUP_S + 0.05)
+                later = await asyncio.gather(*(timed(client, ("beta-lora", "gamma-ia3")[i % 2]) for i in range(6)))
+                return await first, list(later)
+
+        first, later = asyncio.run(run())
+    assert first[1] == 200 and first[0] >= TIMEOUT_S, first   # it paid the timeout, then was served
+    assert all(status == 200 for _, status in later), later
+    assert max(seconds for seconds, _ in later) < TIMEOUT_S, later   # none waited for the hung Redis
+
+
+def test_a_confirmed_adapter_is_not_looked_up_again_for_a_second(make_core, hardening_store, monkeypatch):
+    core = make_core(RouterConfig(BASE), store=hardening_store)
+    calls = []
+    real_current = hardening_store.current
+    monkeypatch.setattr(hardening_store, "current", lambda adapter_id: calls.append(adapter_id) or
+                        real_current(adapter_id))
+    for _ in range(5):
+        assert core.resolve_model("alpha-lora") == "alpha-lora"
+    assert calls == ["alpha-lora"]
+    core._known["alpha-lora"] = time.monotonic() - 0.01   # expired: asked again
+    core.resolve_model("alpha-lora")
+    assert calls == ["alpha-lora", "alpha-lora"]
+
+
 def test_demand_flush_never_blocks_the_caller_on_a_hung_redis():
     with Blackhole() as url:
         buffer = DemandBuffer(DemandCounters(hung_client(url), "lftest-hung"))
