@@ -19,24 +19,26 @@ from lorafleet.placement.table_store import RoutingTableStore
 AdapterInfo = Callable[[], dict[str, tuple[int, int]]]
 
 
-def registry_adapter_info(client: Any, prefix: str) -> AdapterInfo:
-    """Ranks and sizes of registered adapters, read from the adapter store's registry at each call."""
-    from lorafleet.infra.registry import Registry
+def adapter_info_from(list_current: Callable[[], list]) -> AdapterInfo:
+    """AdapterInfo over a `list_current()` of version records (re-read at each call)."""
 
     def info() -> dict[str, tuple[int, int]]:
-        return {r.adapter_id: (r.max_rank, r.num_bytes) for r in Registry(client, prefix).list_current()}
+        return {r.adapter_id: (r.max_rank, r.num_bytes) for r in list_current()}
 
     return info
+
+
+def registry_adapter_info(client: Any, prefix: str) -> AdapterInfo:
+    """Ranks and sizes of registered adapters, read from the adapter store's registry in Redis."""
+    from lorafleet.infra.registry import Registry
+
+    return adapter_info_from(Registry(client, prefix).list_current)
 
 
 def store_adapter_info(store: Any) -> AdapterInfo:
-    """registry_adapter_info through an AdapterStore: a registry lost with a Redis restart is rebuilt from the
-    object store before the solver reads it (the placement controller's source)."""
-
-    def info() -> dict[str, tuple[int, int]]:
-        return {r.adapter_id: (r.max_rank, r.num_bytes) for r in store.list_current()}
-
-    return info
+    """The same through an AdapterStore: a registry lost with a Redis restart is rebuilt from the object store
+    before the solver reads it (the placement controller's source)."""
+    return adapter_info_from(store.list_current)
 
 
 @dataclass(slots=True)
