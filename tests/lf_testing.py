@@ -189,3 +189,28 @@ class FreezableProxy:
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
                 s.close()
+
+
+def wait_until(predicate, timeout_s: float = 10.0, what: str = "condition", period_s: float = 0.02) -> float:
+    """Seconds until predicate() holds; fails the test (naming `what`) after timeout_s."""
+    import time
+
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < timeout_s, f"not reached in {timeout_s:.0f}s: {what}"
+        time.sleep(period_s)
+    return time.monotonic() - start
+
+
+# Kernel tests: a rank mix with 0 (no adapter) to 128 and dims that are not multiples of the kernels' 32 / 64 blocks.
+KERNEL_RANK_MIX = (0, 1, 2, 4, 8, 16, 64, 128)
+KERNEL_D_IN, KERNEL_D_OUT = 72, 40
+
+
+def shuffled_ranks() -> list[int]:
+    """KERNEL_RANK_MIX in a random order (the caller seeds `random`)."""
+    import random
+
+    ranks = list(KERNEL_RANK_MIX)
+    random.shuffle(ranks)
+    return ranks

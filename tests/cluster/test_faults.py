@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from lf_testing import FreezableProxy
+from lf_testing import FreezableProxy, wait_until
 
 from lorafleet.cluster.demo import DEMO_ADAPTERS, prepare_assets
 from lorafleet.cluster.serving import serve_app
@@ -57,7 +57,7 @@ class PrivateRedis:
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_until(lambda: _pings(self.url), 10.0, "private redis-server up")
+        wait_until(lambda: _pings(self.url), 10.0, "private redis-server up", period_s=0.2)
         return self
 
     def stop(self) -> None:
@@ -67,20 +67,16 @@ class PrivateRedis:
         self.proc = None
 
 
+def _redis_healthy(url: str) -> bool:
+    """The app's /healthz says its Redis answers."""
+    return httpx.get(f"{url}/healthz", timeout=10).json()["redis"] == "ok"
+
+
 def _pings(url: str) -> bool:
     try:
         return bool(redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5).ping())
     except redis.RedisError:
         return False
-
-
-def _wait_until(predicate, timeout_s: float, what: str, period_s: float = 0.2) -> float:
-    """Seconds it took for predicate() to hold; fails the test after timeout_s."""
-    start = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - start < timeout_s, f"not reached in {timeout_s:.0f}s: {what}"
-        time.sleep(period_s)
-    return time.monotonic() - start
 
 
 @pytest.fixture(scope="module")
@@ -174,8 +170,8 @@ def _ranks_answering(url: str, num: int = 16) -> set[str]:
 
 def _wait_both_replicas(url: str) -> None:
     """Both replicas running and answering (a killed one replaced) before the next fault."""
-    _wait_until(lambda: _num_running_replicas() == 2, 120.0, "2 running replicas", period_s=0.5)
-    _wait_until(lambda: _ranks_answering(url) == {"0", "1"}, 60.0, "both ranks answer", period_s=1.0)
+    wait_until(lambda: _num_running_replicas() == 2, 120.0, "2 running replicas", period_s=0.5)
+    wait_until(lambda: _ranks_answering(url) == {"0", "1"}, 60.0, "both ranks answer", period_s=1.0)
     time.sleep(2.0)  # routing stats (every 1 s) name both ranks, so each adapter's replica stays put
 
 
@@ -250,9 +246,9 @@ def test_replica_killed_mid_load(served, offline_answers):
     assert len(failed) <= victim["num_inflight"] + 4, (len(failed), victim)
 
     # Serve notices and starts a replacement; new requests route around the dead one meanwhile.
-    recovery_s = _wait_until(lambda: _replica_actors() - before and _num_running_replicas() == 2, 120.0,
+    recovery_s = wait_until(lambda: _replica_actors() - before and _num_running_replicas() == 2, 120.0,
                              "Serve restarts the killed replica", period_s=0.5)
-    _wait_until(lambda: _ranks_answering(url) == {"0", "1"}, 60.0, "both ranks answer again", period_s=1.0)
+    wait_until(lambda: _ranks_answering(url) == {"0", "1"}, 60.0, "both ranks answer again", period_s=1.0)
     after = _run_load(url, pairs[:20], concurrency=4)
     for r in after:
         assert r["response"] is not None, r.get("exc")
@@ -307,7 +303,7 @@ def test_redis_stopped_cached_adapters_serve_uploads_503_then_recover(served, of
     assert health.status_code == 200 and health.json() == {"status": "ok", "redis": "unavailable"}
 
     server.start()  # same port, empty: no app restart, no operator step; the first registry miss rebuilds it
-    _wait_until(lambda: httpx.get(f"{url}/healthz", timeout=10).json()["redis"] == "ok", 60.0, "healthz ok")
+    wait_until(lambda: _redis_healthy(url), 60.0, "healthz ok", period_s=0.2)
     restarted = time.monotonic()
     first = _complete(url, warm[0], PROMPTS[0])
     _assert_correct(first, offline_answers, warm[0], PROMPTS[0])  # the registry rebuilt itself
@@ -356,7 +352,7 @@ def test_redis_hung_cached_adapters_serve_without_stalls_then_recover(served, of
         assert health.status_code == 200 and health.json()["redis"] == "unavailable"
     finally:
         server.proxy.thaw()
-    _wait_until(lambda: httpx.get(f"{url}/healthz", timeout=10).json()["redis"] == "ok", 30.0, "healthz ok again")
+    wait_until(lambda: _redis_healthy(url), 30.0, "healthz ok again", period_s=0.2)
     upload = _upload(url, "hung-upload", adapters[ADAPTER_IDS[0]])
     assert upload.status_code == 201, upload.text
     new_id = LOAD_IDS[6]  # a cold adapter after the thaw: fetched through Redis again
@@ -544,7 +540,7 @@ def test_routes_around_a_dead_replica_and_rebalance_repairs_the_table(served, of
     from lorafleet.placement.liveness import ReplicaLiveness
 
     liveness = ReplicaLiveness(tables.redis, settings.redis_prefix)
-    _wait_until(lambda: liveness.live_ranks(2) is None, 15.0, "no rank known dead (both beat again)")
+    wait_until(lambda: liveness.live_ranks(2) is None, 15.0, "no rank known dead (both beat again)", period_s=0.2)
     assert tables.redis.smembers(f"{settings.redis_prefix}:replicas:seen") == {b"0", b"1"}
     report = httpx.post(f"{url}/v1/placement/rebalance", timeout=120)
     assert report.status_code == 200, report.text
@@ -586,7 +582,7 @@ def test_client_disconnect_mid_stream_aborts_the_generation_on_the_replica(serve
                 assert sum(s["num_inflight"] for s in replica_stats()) == 1
                 break
     hung_up = time.monotonic()   # leaving the block closed the connection
-    stopped_s = _wait_until(lambda: sum(s["num_inflight"] + s["queue_len"] for s in replica_stats()) == 0, 10.0,
+    stopped_s = wait_until(lambda: sum(s["num_inflight"] + s["queue_len"] for s in replica_stats()) == 0, 10.0,
                             "the replica aborts the abandoned generation", period_s=0.05)
     window = sum(s["tokens_per_s"] for s in replica_stats())
     time.sleep(1.0)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
+from lf_testing import wait_until
 
 from lorafleet.infra.errors import AdapterCorrupt, AdapterNotFound, StoreUnavailable
 from lorafleet.infra.object_store import LocalDirObjectStore, blob_key
@@ -14,13 +14,6 @@ from lorafleet.infra.store import AdapterStore
 from lorafleet.infra.version_record import BUNDLE_FILES
 
 CONFIG, WEIGHTS = BUNDLE_FILES
-
-
-def wait_until(predicate, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
 
 
 def test_redis_down_replica_serves_what_it_has_then_recovers(throwaway_redis, base_spec, tmp_path, adapter_files):

@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+from lf_testing import wait_until
 
 from lorafleet.infra.adapter_source import AdapterSource
 from lorafleet.infra.errors import AdapterNotFound, InvalidAdapterId
@@ -15,13 +16,6 @@ from lorafleet.infra.single_flight import SingleFlight
 from lorafleet.infra.version_record import BUNDLE_FILES
 
 CONFIG, WEIGHTS = BUNDLE_FILES
-
-
-def wait_until(predicate, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
 
 
 class CountingObjectStore(LocalDirObjectStore):
@@ -102,7 +96,7 @@ def test_single_flight_shares_errors():
     followers = [threading.Thread(target=waiter) for _ in range(3)]
     for t in followers:
         t.start()
-    wait_until(lambda: flights._calls["k"].num_waiters == 3)
+    wait_until(lambda: flights._calls["k"].num_waiters == 3, 5.0, period_s=0.01)
     release.set()
     for t in [leader, *followers]:
         t.join()
@@ -120,14 +114,14 @@ def test_update_event_drops_stale_host_copy(store, adapter_files):
         source.fetch("a")
         assert source.metrics.snapshot()["hits"]["host"] == 1
         store.push("a", files=adapter_files["ia3"])
-        wait_until(lambda: "a" not in source.host)
+        wait_until(lambda: "a" not in source.host, 5.0, period_s=0.01)
         fetched = source.fetch("a")
         assert fetched.version == "2" and fetched.files == adapter_files["ia3"]
         store.remove("a")
-        wait_until(lambda: "a" not in source.host)
+        wait_until(lambda: "a" not in source.host, 5.0, period_s=0.01)
         with pytest.raises(AdapterNotFound, match="removed"):
             source.fetch("a")
-        wait_until(lambda: len(seen) == 2)
+        wait_until(lambda: len(seen) == 2, 5.0, period_s=0.01)
     assert [(e.kind, e.version) for e in seen] == [("updated", 2), ("removed", 2)]
 
 

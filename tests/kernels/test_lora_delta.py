@@ -1,22 +1,15 @@
 """lora_delta (SGMV) and the lora_bmm baseline against the float64 per-token reference."""
 
-import random
 
 import pytest
 import torch
+from lf_testing import KERNEL_D_IN, KERNEL_D_OUT, KERNEL_RANK_MIX, shuffled_ranks
 
 from lorafleet.kernels import KernelArgumentError, lora_bmm, lora_delta, lora_delta_reference, plan_adapter_batch
 from lorafleet.kernels.synthetic import POPULARITY, AdapterBatch, make_adapter_batch
 
-RANK_MIX = (0, 1, 2, 4, 8, 16, 64, 128)
-D_IN, D_OUT = 72, 40  # not multiples of the kernels' 32 / 64 blocks
+RANK_MIX, D_IN, D_OUT = KERNEL_RANK_MIX, KERNEL_D_IN, KERNEL_D_OUT
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def shuffled_ranks() -> list[int]:
-    ranks = list(RANK_MIX)
-    random.shuffle(ranks)
-    return ranks
 
 
 def reference(batch: AdapterBatch) -> torch.Tensor:
