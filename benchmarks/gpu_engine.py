@@ -2,16 +2,16 @@
 baseline): python benchmarks/gpu_engine.py [--quick].
 
 First checks the engine on the GPU against the same engine on the CPU (base model, a LoRA and a FLoRA adapter,
-float32, so the Triton kernels run inside the model) and exits on a mismatch; then runs lorafleet.replicas.bench
+float32, so the Triton kernels run inside the model) and exits on a mismatch; then runs lorafleet.benchmarks.engine
 (the same code as `lorafleet bench engine`): prints the table and a markdown copy for benchmarks/RESULTS.md, and
-writes benchmarks/results/engine-<timestamp>.json. Works from a plain checkout: when lorafleet is not installed,
-the replicas/, kernels/ and infra/ folders are loaded as lorafleet.* directly (no pydantic, Ray or redis needed).
+writes benchmarks/results/engine-<timestamp>.json through lorafleet.benchmarks.results. Works from a plain
+checkout: when lorafleet is not installed, the replicas/, kernels/, infra/ and benchmarks/ folders are loaded as
+lorafleet.* directly (no pydantic, Ray or redis needed).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -64,9 +64,10 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "lorafleet-bench-engine")
     parser.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
-    load_packages("infra", "kernels", "replicas")
-    from lorafleet.replicas.bench import PRESETS, run_engine_bench
-    from lorafleet.replicas.bench_report import format_markdown
+    load_packages("infra", "kernels", "replicas", "benchmarks")
+    from lorafleet.benchmarks.engine import PRESETS, run_engine_bench
+    from lorafleet.benchmarks.engine_report import format_markdown, print_report
+    from lorafleet.benchmarks.results import write_result
 
     if not args.skip_verify and args.device.startswith("cuda"):
         verify(args.device)
@@ -79,9 +80,11 @@ def main() -> None:
     if args.adapter_counts:
         changes["adapter_counts"] = tuple(int(n) for n in args.adapter_counts.split(","))
     result = run_engine_bench(args.model_dir, spec=replace(spec, **changes), preset=args.preset, device=args.device,
-                              dtype=args.dtype, work_dir=args.work_dir, out_dir=args.out_dir,
-                              baselines=not args.no_baselines, command="python " + " ".join(sys.argv))
+                              dtype=args.dtype, work_dir=args.work_dir, baselines=not args.no_baselines)
+    path = write_result("engine", result, args.out_dir)
+    print_report(result)
     print("\n" + format_markdown(result))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

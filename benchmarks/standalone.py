@@ -7,15 +7,19 @@ import sys
 import types
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 
 
 def load_packages(*names: str) -> None:
     """Make `lorafleet.<name>` importable for each folder name, unless lorafleet is installed already.
 
     Mirrors pyproject's package-dir mapping ("lorafleet.kernels" = "kernels", ...) without installing, so a
-    GPU box with only torch (+ triton) runs the benchmarks without pydantic, Ray or redis.
+    GPU box with only torch (+ triton) runs the benchmarks without pydantic, Ray or redis. Also takes this
+    folder off sys.path (where running a script put it): its kernels.py, engine.py, ... would otherwise shadow
+    top-level packages of those names (transformers probes one called `kernels`).
     """
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
     try:
         importlib.import_module(f"lorafleet.{names[-1]}")  # installed with pip install -e .
         return

@@ -7,24 +7,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from lorafleet.infra.config import Settings, load_settings
+from lorafleet.placement.controller import PlacementController
 from lorafleet.replicas.deployment import ReplicaDeployment
-from lorafleet.router.app import PlacementController, RouterDeployment
+from lorafleet.router.app import RouterDeployment
 
 REQUEST_ROUTER_CLASS = "lorafleet.router.request_router:LoRAFleetRequestRouter"
-
-
-def engine_kwargs(settings: Settings) -> dict:
-    """EngineConfig fields from the settings (the engine itself takes no pydantic)."""
-    return {
-        "device": settings.device, "dtype": settings.dtype, "max_num_seqs": settings.max_num_seqs,
-        "max_batched_tokens": settings.max_batched_tokens, "kv_cache_bytes": settings.kv_cache_bytes,
-        "block_size": settings.kv_block_size, "max_adapters": settings.max_adapters, "max_rank": settings.max_rank,
-        "max_adapter_bytes": settings.max_adapter_bytes, "host_cache_bytes": settings.host_cache_max_bytes,
-    }
+# One controller per app; it only waits on Redis between periods, so it takes no CPU from the replicas.
+PlacementDeployment = serve.deployment(name="placement", num_replicas=1,
+                                       ray_actor_options={"num_cpus": 0})(PlacementController)
 
 
 def build(settings: Settings) -> Application:
@@ -45,9 +40,8 @@ def build(settings: Settings) -> Application:
         num_replicas=settings.num_replicas, ray_actor_options=actor_options,
         max_ongoing_requests=settings.max_num_seqs + settings.replica_max_queued_requests,
         max_queued_requests=settings.max_queued_requests, request_router_config=router_config,
-    ).bind(settings.model_dir, engine_kwargs(settings), overrides,
-           max_queued_requests=settings.replica_max_queued_requests)
-    controller = PlacementController.bind(overrides, settings.num_replicas)
+    ).bind(overrides)   # the replica builds its EngineConfig from the same Settings fields
+    controller = PlacementDeployment.bind(overrides, settings.num_replicas)
     return RouterDeployment.options(ray_actor_options={"num_cpus": 0}).bind(replicas, overrides, controller)
 
 

@@ -37,9 +37,10 @@ def loadtest_cmd(
     demo_root: Path = typer.Option(Path(".lorafleet"), help="Demo assets folder for --policy-compare / --sweep."),
 ) -> None:
     """Run Locust headless against a server, write a report folder and print an SLO table."""
-    from lorafleet.loadtests.plan import LoadTestError
+    from lorafleet.cluster.demo_target import local_demo
+    from lorafleet.loadtests.load_plan import LoadTestError
     from lorafleet.loadtests.runner import LoadTestConfig, parse_duration, run_loadtest
-    from lorafleet.loadtests.sweep import parse_rates
+    from lorafleet.loadtests.sweep import parse_rates, run_sweep
 
     sweep_rates: tuple[float, ...] = ()
     if sweep is not None:
@@ -53,4 +54,5 @@ def loadtest_cmd(
         chat_fraction=chat_fraction, seed=seed, demo_root=demo_root, sweep_rates=sweep_rates,
         is_stop_early=stop_early,
     )
-    run_loadtest(config)
+    run = run_sweep if config.sweep_rates else run_loadtest
+    run(config, start_demo=local_demo)

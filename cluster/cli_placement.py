@@ -9,8 +9,6 @@ import typer
 
 from lorafleet.infra.errors import InvalidPlacement
 
-ALL_POLICIES = "random,round-robin,least-loaded,affinity,s-lora-all,rank-aware"
-
 
 def register(app: typer.Typer) -> None:
     app.command("rebalance")(rebalance_cmd)
@@ -45,19 +43,15 @@ def rebalance_cmd(
 ) -> None:
     """Read demand and the current table from Redis, solve, print the diff, publish unless --dry-run."""
     from lorafleet.infra.config import get_settings
-    from lorafleet.infra.demand import redis_client
-    from lorafleet.placement.liveness import ReplicaLiveness
-    from lorafleet.placement.rebalancer import Rebalancer, registry_adapter_info
+    from lorafleet.placement.rebalancer import Rebalancer
 
     settings = get_settings()
     replicas = settings.num_replicas if num_replicas is None else num_replicas
     if replicas < 1 or num_periods < 1:
         raise InvalidPlacement(f"--num-replicas and --num-periods must be >= 1, got {replicas}, {num_periods}")
-    client = redis_client(settings.redis_url)
-    rebalancer = Rebalancer(client, settings.redis_prefix, _points(operating_points), settings.rebalance_period_s,
-                            settings.max_rank, registry_adapter_info(client, settings.redis_prefix), num_periods)
-    live = ReplicaLiveness(client, settings.redis_prefix).live_ranks(replicas)   # None: no replica beats here
-    report, change = rebalancer.run(replicas, dry_run=dry_run, seed=seed, max_moves=max_moves, live_ranks=live)
+    # The same rebalancer as the placement controller's: live ranks from heartbeats, ranks through the store.
+    rebalancer = Rebalancer.from_settings(settings, points=_points(operating_points), num_periods=num_periods)
+    report, change = rebalancer.run(replicas, dry_run=dry_run, seed=seed, max_moves=max_moves)
     if as_json:
         typer.echo(json.dumps(report))
         return
@@ -92,11 +86,12 @@ def _print_rebalance(report: dict, change) -> None:
 
 
 def simulate_cmd(
-    policies: str = typer.Option(ALL_POLICIES, help="Comma-separated policies to compare."),
+    policies: str | None = typer.Option(None, help="Comma-separated policies to compare (default: all of "
+                                                   "lorafleet.placement.policies.POLICY_NAMES)."),
     seed: int = typer.Option(0, help="Seed of the workload and the policies."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object {policies, workload}."),
     out: Path | None = typer.Option(None, help="Write simulation.json and PNG plots into this folder."),
-    preset: str = typer.Option("loraserve", help="Workload preset (lorafleet.loadtests.workload.PRESETS)."),
+    preset: str = typer.Option("loraserve", help="Workload preset (lorafleet.placement.workload.PRESETS)."),
     num_adapters: int | None = typer.Option(None, help="Adapters (default: preset)."),
     num_replicas: int = typer.Option(32, help="Replicas."),
     num_requests: int | None = typer.Option(None, help="Requests (default: preset)."),
@@ -111,15 +106,18 @@ def simulate_cmd(
     replicas_needed: bool = typer.Option(True, "--replicas-needed/--no-replicas-needed",
                                          help="Search the fewest replicas meeting the SLO per policy."),
     search_requests: int = typer.Option(20_000, help="Requests per run of the replicas-needed search."),
+    record: bool = typer.Option(False, "--record", help="Also write the raw JSON through the benchmarks' result "
+                                "writer (benchmarks/results/simulate-<UTC time>.json, for RESULTS.md)."),
 ) -> None:
     """Discrete-event simulation of the cluster under each policy: TTFT, TPOT, throughput, SLO, churn."""
-    from lorafleet.loadtests.workload import PRESETS
     from lorafleet.placement.cost_model import StepCostModel
+    from lorafleet.placement.policies import POLICY_NAMES
     from lorafleet.placement.simulator import SimConfig, cluster_capacity, compare, rate_for_load
+    from lorafleet.placement.workload import PRESETS
 
     if preset not in PRESETS:
         raise InvalidPlacement(f"unknown preset '{preset}'; choose from: {', '.join(PRESETS)}")
-    names = [p.strip() for p in policies.split(",") if p.strip()]
+    names = list(POLICY_NAMES) if policies is None else [p.strip() for p in policies.split(",") if p.strip()]
     changes: dict = {"seed": seed}
     for key, value in (("num_adapters", num_adapters), ("num_requests", num_requests), ("zipf_alpha", zipf),
                        ("drift_fraction", drift)):
@@ -138,7 +136,7 @@ def simulate_cmd(
                        rebalance_period_s=rebalance_period, seed=seed)
     spec = spec.with_(request_rate=rate_for_load(spec, config.points, num_replicas, load))
     results = compare(spec, names, config, find_replicas=replicas_needed, search_requests=search_requests)
-    from lorafleet.loadtests.workload import generate
+    from lorafleet.placement.workload import generate
 
     workload = {
         **spec.to_dict(), "preset": preset, "load": load, "num_replicas": num_replicas, "kernel": kernel,
@@ -150,6 +148,12 @@ def simulate_cmd(
         "rebalance_period_s": rebalance_period, "max_adapter_bytes": config.adapter_memory,
     }
     document = {"policies": {n: r.metrics for n, r in results.items()}, "workload": workload}
+    if record:
+        from lorafleet.benchmarks.results import write_result
+
+        recorded = write_result("simulate", dict(document))
+        if not as_json:
+            typer.echo(f"wrote {recorded}")
     if out is not None:
         from lorafleet.placement.sim_plots import write_plots
 

@@ -103,14 +103,16 @@ def load_adapter_files(
     max_rank: int = DEFAULT_MAX_RANK,
     max_bytes: int = DEFAULT_MAX_BYTES,
     source: str = "<adapter>",
+    check_finite: bool = True,
 ) -> AdapterWeights:
-    """Validate {adapter_config.json: bytes, adapter_model.safetensors: bytes} (e.g. fetched from the store)."""
+    """Validate {adapter_config.json: bytes, adapter_model.safetensors: bytes} (e.g. fetched from the store).
+    `check_finite=False` skips the NaN/Inf scan of bytes that passed it before (same digest)."""
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if name not in files:
             raise InvalidAdapter(f"{source}/{name}: missing")
     config_src, weights_src = f"{source}/{CONFIG_FILE}", f"{source}/{WEIGHTS_FILE}"
     config = parse_config(files[CONFIG_FILE], config_src)
-    tensors = parse_safetensors(files[WEIGHTS_FILE], weights_src, max_bytes)
+    tensors = parse_safetensors(files[WEIGHTS_FILE], weights_src, max_bytes, check_finite=check_finite)
     peft_type = config.get("peft_type")
     if not isinstance(peft_type, str) or peft_type.upper() not in PEFT_TYPES:
         choices = ", ".join(PEFT_TYPES)

@@ -31,7 +31,8 @@ class Settings(BaseSettings):
     store_url: str = "./.lorafleet/store"
     s3_endpoint_url: str | None = None
     hot_cache_max_bytes: int = Field(default=512 * 2**20, ge=0)
-    host_cache_max_bytes: int = Field(default=1 * 2**30, ge=0)
+    host_cache_max_bytes: int = Field(default=1 * 2**30, ge=0)   # a replica's host tier of validated adapters
+    adapter_resync_s: float = Field(default=30.0, ge=0)   # replicas recheck held adapters' versions (0 = never)
     store_timeout_s: float = Field(default=5.0, gt=0)
     # adapters
     max_rank: int = Field(default=128, ge=1, le=4096)

@@ -6,25 +6,16 @@ bucket = floor(unix time / bucket_s); each expires `retention_s + bucket_s` afte
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from typing import Any
 
 from lorafleet.infra.adapter_ids import validate_adapter_id
-from lorafleet.infra.errors import StoreUnavailable
+from lorafleet.infra.errors import LoRAFleetError, StoreUnavailable
+from lorafleet.infra.redis_conn import REDIS_DOWN_ERRORS
 
-
-def redis_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean 'Redis is unreachable or failing', for callers mapping them to StoreUnavailable."""
-    import redis
-
-    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError)
-
-
-def redis_client(url: str, timeout_s: float = 2.0) -> Any:
-    """A redis-py client with short timeouts (a down Redis fails fast instead of hanging a request)."""
-    import redis
-
-    return redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+logger = logging.getLogger("lorafleet.demand")
 
 
 class DemandCounters:
@@ -56,7 +47,7 @@ class DemandCounters:
             pipe.expire(tokens_key, ttl)
             pipe.expire(requests_key, ttl)
             pipe.execute()
-        except redis_errors() as exc:
+        except REDIS_DOWN_ERRORS as exc:
             raise StoreUnavailable(f"demand counters: Redis unreachable ({exc.__class__.__name__}: {exc})") from None
 
     def window(self, seconds: float, now: float | None = None) -> dict[str, tuple[int, int]]:
@@ -75,7 +66,7 @@ class DemandCounters:
                 pipe.hgetall(self._key("tokens", bucket))
                 pipe.hgetall(self._key("requests", bucket))
             replies = pipe.execute()
-        except redis_errors() as exc:
+        except REDIS_DOWN_ERRORS as exc:
             raise StoreUnavailable(f"demand counters: Redis unreachable ({exc.__class__.__name__}: {exc})") from None
         totals: dict[str, list[int]] = {}
         for i, reply in enumerate(replies):
@@ -84,3 +75,58 @@ class DemandCounters:
                 adapter_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
                 totals.setdefault(adapter_id, [0, 0])[column] += int(raw_count)
         return {a: (t, r) for a, (t, r) in totals.items()}
+
+
+class DemandBuffer:
+    """A replica's per-adapter token/request counts, summed in memory and flushed to DemandCounters about once a
+    second (None: counted nowhere).
+
+    The flush runs on a worker thread, one at a time: a slow or blackholed Redis (each call waiting for its
+    socket timeout) never stalls the replica's event loop. A Redis outage drops the counts of that period
+    (placement is approximate by design); serving never waits.
+    """
+
+    def __init__(self, counters: DemandCounters | None, flush_s: float = 1.0) -> None:
+        self.counters = counters
+        self.flush_s = flush_s
+        self._pending: dict[str, list[int]] = {}
+        self._lock = threading.Lock()
+        self._last_flush = time.monotonic()
+        self._flushing = threading.Event()   # set while a flush thread runs
+
+    def add(self, adapter_id: str | None, num_tokens: int) -> None:
+        if adapter_id is None or self.counters is None:
+            return
+        with self._lock:
+            entry = self._pending.setdefault(adapter_id, [0, 0])
+            entry[0] += num_tokens
+            entry[1] += 1
+
+    def flush_if_due(self, now: float | None = None, *, wait: bool = False) -> None:
+        """Start a flush when one is due and none is running; `wait` joins it (tests)."""
+        now = time.monotonic() if now is None else now
+        if self.counters is None or now - self._last_flush < self.flush_s or self._flushing.is_set():
+            return
+        with self._lock:
+            pending, self._pending = self._pending, {}
+            self._last_flush = now
+        if not pending:
+            return
+        self._flushing.set()
+        thread = threading.Thread(target=self._flush, args=(pending,), daemon=True, name="lorafleet-demand")
+        thread.start()
+        if wait:
+            thread.join()
+
+    def _flush(self, pending: dict[str, list[int]]) -> None:
+        counters = self.counters
+        assert counters is not None
+        try:
+            for adapter_id, (tokens, requests) in pending.items():
+                try:
+                    counters.record(adapter_id, tokens, requests)
+                except LoRAFleetError as exc:
+                    logger.warning("demand counters not recorded: %s", exc)
+                    return
+        finally:
+            self._flushing.clear()

@@ -112,3 +112,23 @@ class ObjectNotFound(LoRAFleetError):
 
     http_status = 404
     code = "object_not_found"
+
+
+class InvalidRequest(LoRAFleetError):
+    """A request's own values are out of range (too many tokens, a prompt over max_model_len, bad sampling values)."""
+
+    http_status = 400
+    code = "invalid_value"
+
+
+def _subclasses(cls: type[LoRAFleetError]) -> list[type[LoRAFleetError]]:
+    return [cls] + [sub for direct in cls.__subclasses__() for sub in _subclasses(direct)]
+
+
+def error_for_code(code: str, message: str) -> LoRAFleetError:
+    """The LoRAFleetError type that owns `code` (errors cross process boundaries as code + message);
+    an unknown code is a plain LoRAFleetError (500)."""
+    for cls in _subclasses(LoRAFleetError):
+        if cls.code == code and cls is not LoRAFleetError:
+            return cls(message)
+    return LoRAFleetError(message)

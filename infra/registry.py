@@ -17,9 +17,10 @@ from contextlib import contextmanager
 from typing import Any
 
 from lorafleet.infra import registry_lua
+from lorafleet.infra.adapter_ids import validate_adapter_id
 from lorafleet.infra.errors import AdapterNotFound, StoreUnavailable, VersionConflict
 from lorafleet.infra.redis_conn import unavailable_as_error
-from lorafleet.infra.version_record import VersionRecord, check_adapter_id
+from lorafleet.infra.version_record import VersionRecord
 
 # A 'purging' mark older than this is left over from a crashed purge and no longer blocks pushes.
 PURGE_GRACE_S = 60.0
@@ -78,7 +79,7 @@ class Registry:
     # --- push -----------------------------------------------------------------------------------------
     def allocate_version(self, adapter_id: str, floor: int = 0) -> int:
         """A fresh version number for adapter_id, greater than `floor` and every number handed out before."""
-        check_adapter_id(adapter_id)
+        validate_adapter_id(adapter_id)
         with self._guard(f"allocate a version of '{adapter_id}'"):
             return int(self._allocate(keys=[self.seq_key(adapter_id)], args=[floor]))
 
@@ -114,7 +115,7 @@ class Registry:
     # --- read -----------------------------------------------------------------------------------------
     def current(self, adapter_id: str) -> VersionRecord:
         """The current record; AdapterNotFound (saying so if it was removed) otherwise."""
-        check_adapter_id(adapter_id)
+        validate_adapter_id(adapter_id)
         with self._guard(f"look up '{adapter_id}'"):
             raw = self.redis.hget(self.registry_key, adapter_id)
             tomb = None if raw is not None else self.redis.hget(self.deleted_key, adapter_id)
@@ -126,8 +127,18 @@ class Registry:
             raise AdapterNotFound(f"adapter '{adapter_id}' was removed at {when} (version {info['version']})")
         raise AdapterNotFound(f"adapter '{adapter_id}' not found")
 
+    def current_many(self, adapter_ids: list[str]) -> dict[str, VersionRecord | None]:
+        """Current records of many ids in one HMGET; None for ids not registered (or removed)."""
+        for adapter_id in adapter_ids:
+            validate_adapter_id(adapter_id)
+        if not adapter_ids:
+            return {}
+        with self._guard(f"look up {len(adapter_ids)} adapters"):
+            raw = self.redis.hmget(self.registry_key, adapter_ids)
+        return {a: None if r is None else VersionRecord.from_json(r) for a, r in zip(adapter_ids, raw, strict=True)}
+
     def get_version(self, adapter_id: str, version: int) -> VersionRecord:
-        check_adapter_id(adapter_id)
+        validate_adapter_id(adapter_id)
         with self._guard(f"look up '{adapter_id}' version {version}"):
             raw = self.redis.hget(self.versions_key(adapter_id), str(version))
         if raw is None:
@@ -148,21 +159,17 @@ class Registry:
 
     def versions(self, adapter_id: str) -> list[VersionRecord]:
         """Every version kept for adapter_id (live or soft-deleted), oldest first; AdapterNotFound if none."""
-        check_adapter_id(adapter_id)
+        validate_adapter_id(adapter_id)
         with self._guard(f"list versions of '{adapter_id}'"):
             raw = self.redis.hgetall(self.versions_key(adapter_id))
         if not raw:
             raise AdapterNotFound(f"adapter '{adapter_id}' not found")
         return sorted((VersionRecord.from_json(v) for v in raw.values()), key=lambda r: r.version)
 
-    def max_version(self, adapter_id: str) -> int:
-        with self._guard(f"read the versions of '{adapter_id}'"):
-            return int(self.redis.get(self.seq_key(adapter_id)) or 0)
-
     # --- delete ---------------------------------------------------------------------------------------
     def remove(self, adapter_id: str) -> dict:
         """Soft delete: the adapter stops being served, its versions and blobs stay. Returns the tombstone."""
-        check_adapter_id(adapter_id)
+        validate_adapter_id(adapter_id)
         with self._guard(f"remove '{adapter_id}'"):
             keys, args = [self.registry_key, self.deleted_key], [adapter_id, time.time(), self.channel]
             tomb = self._remove(keys=keys, args=args)
@@ -174,7 +181,7 @@ class Registry:
     def begin_purge(self, adapter_id: str) -> list[str]:
         """Forget adapter_id entirely; returns blob hashes nothing references any more (delete them, then
         call end_purge). AdapterNotFound if the registry has never heard of it."""
-        check_adapter_id(adapter_id)
+        validate_adapter_id(adapter_id)
         keys = [self.registry_key, self.versions_key(adapter_id), self.deleted_key, self.epoch_key, self.purging_key]
         with self._guard(f"purge '{adapter_id}'"):
             freed = self._begin_purge(keys=keys, args=[adapter_id, time.time(), self.channel, self.refs_prefix])
@@ -194,7 +201,7 @@ class Registry:
     # --- recovery -------------------------------------------------------------------------------------
     def restore(self, adapter_id: str, records: list[VersionRecord], tombstone: dict | None) -> str:
         """Re-add versions (from the object store's manifests) that Redis lost; the state after: 'live' / 'deleted'."""
-        check_adapter_id(adapter_id)
+        validate_adapter_id(adapter_id)
         keys = [self.registry_key, self.versions_key(adapter_id), self.deleted_key, self.seq_key(adapter_id)]
         args: list[Any] = [adapter_id, self.channel, self.refs_prefix, json.dumps(tombstone) if tombstone else ""]
         for record in records:

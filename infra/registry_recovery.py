@@ -22,10 +22,11 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
+from lorafleet.infra.adapter_ids import validate_adapter_id
 from lorafleet.infra.errors import AdapterCorrupt, InvalidAdapterId, ObjectNotFound, StoreUnavailable
 from lorafleet.infra.object_store import manifest_key
 from lorafleet.infra.single_flight import SingleFlight
-from lorafleet.infra.version_record import VersionRecord, check_adapter_id
+from lorafleet.infra.version_record import VersionRecord
 
 if TYPE_CHECKING:
     from lorafleet.infra.object_store import ObjectStore
@@ -195,7 +196,7 @@ class RegistryRecovery:
         kept_at = time.monotonic()
         for adapter_id, found in sorted(by_id.items()):
             try:
-                check_adapter_id(adapter_id)
+                validate_adapter_id(adapter_id)
             except InvalidAdapterId:
                 log.warning("reindex: skipping %s (not an adapter id)", manifest_key(adapter_id, ""))
                 continue

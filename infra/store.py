@@ -18,11 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from lorafleet.infra.errors import (
-    AdapterCorrupt,
     AdapterNotFound,
     AdapterTooLarge,
     InvalidAdapter,
-    ObjectNotFound,
     StoreUnavailable,
 )
 from lorafleet.infra.hot_cache import HotCache
@@ -30,39 +28,17 @@ from lorafleet.infra.object_store import ObjectStore, manifest_key, open_object_
 from lorafleet.infra.redis_conn import connect
 from lorafleet.infra.registry import PurgeRace, Registry, RegistryLost
 from lorafleet.infra.registry_recovery import TOMBSTONE, RegistryRecovery, manifest_name, manifest_version
+from lorafleet.infra.store_source import read_verified_blob
 from lorafleet.infra.version_record import BUNDLE_FILES, VersionRecord
 
 if TYPE_CHECKING:
     from lorafleet.infra.adapter_source import FetchedAdapter
     from lorafleet.infra.base_spec import BaseModelSpec
     from lorafleet.infra.config import Settings
-    from lorafleet.infra.store_source import StoreSource
-
 log = logging.getLogger(__name__)
 
 MAX_PUSH_ATTEMPTS = 20
 T = TypeVar("T")
-
-
-def read_verified_blob(
-    objects: ObjectStore, record: VersionRecord, name: str, on_mismatch: Callable[[], None] | None = None,
-) -> bytes:
-    """One file of `record` from the object store, sha256-checked; read twice before declaring it corrupt."""
-    sha, size = record.files[name]
-    where = f"adapter '{record.adapter_id}' version {record.version}: {name} (blob {sha[:12]}…) in {objects.url}"
-    for _ in range(2):  # a second read tells a torn read from a corrupt object
-        try:
-            data = objects.get_blob(sha)
-        except ObjectNotFound:
-            raise AdapterCorrupt(f"{where} is missing; push the adapter again") from None
-        if hashlib.sha256(data).hexdigest() == sha:
-            return data
-        if on_mismatch is not None:
-            on_mismatch()
-    raise AdapterCorrupt(
-        f"{where} is corrupt: {len(data)} bytes with sha256 {hashlib.sha256(data).hexdigest()[:12]}…, "
-        f"expected {size} bytes; push the adapter again"
-    )
 
 
 class AdapterStore:
@@ -71,7 +47,7 @@ class AdapterStore:
     def __init__(
         self, objects: ObjectStore, redis_client: Any, prefix: str, *,
         base: BaseModelSpec | str | Path | None = None, hot_cache_max_bytes: int = 512 * 2**20,
-        host_cache_max_bytes: int = 2**30, max_rank: int = 128, max_bytes: int = 2**30,
+        max_rank: int = 128, max_bytes: int = 2**30,
     ) -> None:
         self.objects = objects
         self.redis = redis_client
@@ -79,7 +55,6 @@ class AdapterStore:
         self.registry = Registry(redis_client, prefix)
         self.recovery = RegistryRecovery(self.registry, objects)
         self.hot = HotCache(redis_client, prefix, hot_cache_max_bytes)
-        self.host_cache_max_bytes = host_cache_max_bytes
         self.max_rank = max_rank
         self.max_bytes = max_bytes
         self._base = base
@@ -92,8 +67,7 @@ class AdapterStore:
         s = settings or get_settings()
         objects = open_object_store(s.store_url, s3_endpoint_url=s.s3_endpoint_url, timeout_s=s.store_timeout_s)
         return cls(objects, connect(s.redis_url, s.store_timeout_s), s.redis_prefix, base=base or s.model_dir,
-                   hot_cache_max_bytes=s.hot_cache_max_bytes, host_cache_max_bytes=s.host_cache_max_bytes,
-                   max_rank=s.max_rank, max_bytes=s.max_adapter_bytes)
+                   hot_cache_max_bytes=s.hot_cache_max_bytes, max_rank=s.max_rank, max_bytes=s.max_adapter_bytes)
 
     def base_spec(self) -> BaseModelSpec:
         from lorafleet.infra.base_spec import BaseModelSpec
@@ -203,6 +177,16 @@ class AdapterStore:
     def current(self, adapter_id: str) -> VersionRecord:
         return self._read(self.registry.current, adapter_id)
 
+    def current_many(self, adapter_ids: list[str]) -> dict[str, VersionRecord | None]:
+        """Current records of many ids in one round trip (None: not registered); a lost registry is rebuilt first,
+        so a Redis restart never reads as 'every adapter was removed'."""
+        records = self.registry.current_many(adapter_ids)
+        # A miss is checked against the registry's marker every time (not rate-limited like single lookups): a
+        # replica's resync must never retire adapters because Redis lost its data a moment ago.
+        if any(r is None for r in records.values()) and self.recovery.ensure():
+            records = self.registry.current_many(adapter_ids)
+        return records
+
     def get_version(self, adapter_id: str, version: int) -> VersionRecord:
         return self._read(self.registry.get_version, adapter_id, version)
 
@@ -225,16 +209,6 @@ class AdapterStore:
         record = self.current(adapter_id) if version is None else self.get_version(adapter_id, version)
         files = {name: read_verified_blob(self.objects, record, name) for name in BUNDLE_FILES}
         return FetchedAdapter(adapter_id, str(record.version), files)
-
-    def source(self, host_cache_max_bytes: int | None = None, *, subscribe: bool = True) -> StoreSource:
-        """A replica-side AdapterSource over this store (host LRU → hot cache → object store); close() it.
-
-        subscribe: listen to change events, so host hits skip the registry lookup (False: look up every time).
-        """
-        from lorafleet.infra.store_source import StoreSource
-
-        size = self.host_cache_max_bytes if host_cache_max_bytes is None else host_cache_max_bytes
-        return StoreSource(self, size, subscribe=subscribe)
 
     def demand(self) -> Any:
         """Per-adapter demand counters (tokens, requests per window) in the same Redis under the same prefix."""

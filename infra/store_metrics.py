@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 
-TIERS = ("host", "redis", "object_store")
+TIERS = ("redis", "object_store")
 LATENCY_WINDOW = 1024  # most recent fetches per tier kept for percentiles
 
 

@@ -1,8 +1,9 @@
-"""StoreSource: the replica's AdapterSource over the store — host LRU → Redis hot blob → object store.
+"""StoreSource: a replica's VersionedSource over the shared store — Redis hot blob, else the object store.
 
-One fetch per adapter per process at a time (single-flight); every byte from Redis or the object store is
-sha256-checked against the registry record (a bad hot blob is dropped and refetched from the object store;
-a bad object is reported as AdapterCorrupt). While Redis is down the replica keeps serving what it holds.
+It holds no adapter copies (the replica's adapter cache owns residency); it looks up the current record, reads
+the bundle and sha256-checks every byte against the record (a bad hot blob is dropped and refetched from the
+object store; a bad object is AdapterCorrupt). One fetch per adapter per process at a time (single-flight).
+While Redis is down it fetches adapters whose record it has seen straight from the object store.
 """
 
 from __future__ import annotations
@@ -12,20 +13,17 @@ import hashlib
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Collection
+from typing import Any
 
+from lorafleet.infra.adapter_ids import validate_adapter_id
 from lorafleet.infra.adapter_source import FetchedAdapter
-from lorafleet.infra.errors import AdapterNotFound, StoreUnavailable
+from lorafleet.infra.errors import AdapterCorrupt, AdapterNotFound, ObjectNotFound, StoreUnavailable
 from lorafleet.infra.events import AdapterEvent, EventListener
-from lorafleet.infra.host_cache import HostCache, HostEntry
+from lorafleet.infra.object_store import ObjectStore
 from lorafleet.infra.single_flight import SingleFlight
-from lorafleet.infra.store import read_verified_blob
 from lorafleet.infra.store_metrics import StoreMetrics
-from lorafleet.infra.version_record import BUNDLE_FILES, VersionRecord, check_adapter_id
-
-if TYPE_CHECKING:
-    from lorafleet.infra.store import AdapterStore
+from lorafleet.infra.version_record import BUNDLE_FILES, VersionRecord
 
 MAX_KNOWN_RECORDS = 100_000  # last record seen per adapter (~1 KB each): lets an outage still reach S3
 # After a failed registry lookup, fetches answer from what the replica has without asking Redis for this long,
@@ -33,23 +31,39 @@ MAX_KNOWN_RECORDS = 100_000  # last record seen per adapter (~1 KB each): lets a
 REGISTRY_RETRY_S = 1.0
 
 
-class StoreSource:
-    """AdapterSource for the engine; thread-safe. `add_listener(fn)` gets every AdapterEvent (e.g. to drop
-    device copies of an adapter that was updated or removed)."""
+def read_verified_blob(
+    objects: ObjectStore, record: VersionRecord, name: str, on_mismatch: Callable[[], None] | None = None,
+) -> bytes:
+    """One file of `record` from the object store, sha256-checked; read twice before declaring it corrupt."""
+    sha, size = record.files[name]
+    where = f"adapter '{record.adapter_id}' version {record.version}: {name} (blob {sha[:12]}…) in {objects.url}"
+    for _ in range(2):  # a second read tells a torn read from a corrupt object
+        try:
+            data = objects.get_blob(sha)
+        except ObjectNotFound:
+            raise AdapterCorrupt(f"{where} is missing; push the adapter again") from None
+        if hashlib.sha256(data).hexdigest() == sha:
+            return data
+        if on_mismatch is not None:
+            on_mismatch()
+    raise AdapterCorrupt(
+        f"{where} is corrupt: {len(data)} bytes with sha256 {hashlib.sha256(data).hexdigest()[:12]}…, "
+        f"expected {size} bytes; push the adapter again"
+    )
 
-    def __init__(self, store: AdapterStore, host_cache_max_bytes: int = 2**30, *, subscribe: bool = True) -> None:
+
+class StoreSource:
+    """VersionedSource over an AdapterStore (duck-typed: registry, hot cache, objects, redis); thread-safe."""
+
+    def __init__(self, store: Any) -> None:
         self.store = store
-        self.host = HostCache(host_cache_max_bytes)
         self.metrics = StoreMetrics()
         self._flights = SingleFlight()
         self._known: OrderedDict[str, VersionRecord] = OrderedDict()
         self._known_lock = threading.Lock()
-        self._listeners: list[Callable[[AdapterEvent], None]] = []
         self._registry_down_until = 0.0
         self._registry_error = ""
-        self.events: EventListener | None = None
-        if subscribe:
-            self.events = EventListener(store.redis, store.registry.channel, self._on_event).start()
+        self._listeners: list[EventListener] = []
 
     def __enter__(self) -> StoreSource:
         return self
@@ -58,18 +72,14 @@ class StoreSource:
         self.close()
 
     def close(self) -> None:
-        if self.events is not None:
-            self.events.close()
+        for listener in self._listeners:
+            listener.close()
+        self._listeners.clear()
 
-    def add_listener(self, fn: Callable[[AdapterEvent], None]) -> None:
-        self._listeners.append(fn)
-
-    def invalidate(self, adapter_id: str) -> None:
-        self.host.pop(adapter_id)
-
+    # -- VersionedSource -------------------------------------------------------------------------------
     def fetch(self, adapter_id: str) -> FetchedAdapter:
         """Current version of adapter_id; AdapterNotFound, AdapterCorrupt or StoreUnavailable otherwise."""
-        check_adapter_id(adapter_id)
+        validate_adapter_id(adapter_id)
         try:
             fetched, is_shared = self._flights.do(adapter_id, lambda: self._fetch(adapter_id))
         except AdapterNotFound:
@@ -81,39 +91,46 @@ class StoreSource:
             self.metrics.count("num_coalesced")
         return fetched
 
+    def current_versions(self, adapter_ids: Collection[str]) -> dict[str, str | None]:
+        """One registry round trip for many ids (the replica's resync); StoreUnavailable while Redis is down."""
+        records = self.store.current_many(list(adapter_ids))
+        for record in records.values():
+            if record is not None:
+                self._remember(record)
+        return {a: None if r is None else str(r.version) for a, r in records.items()}
+
+    def subscribe(self, callback: Callable[[AdapterEvent], None]) -> EventListener:
+        """Registry change events to `callback`, on a listener thread that reconnects by itself (each reconnect
+        delivers a 'resync' event: whatever was published meanwhile is lost)."""
+
+        def on_event(event: AdapterEvent) -> None:
+            if event.kind == "removed":
+                self._forget(event.adapter_id)
+            elif event.kind == "resync":   # Redis is back: stop answering from memory alone
+                self._registry_down_until = 0.0
+            callback(event)
+
+        listener = EventListener(self.store.redis, self.store.registry.channel, on_event).start()
+        self._listeners.append(listener)
+        return listener
+
+    # -- internals ------------------------------------------------------------------------------------
     def _fetch(self, adapter_id: str) -> FetchedAdapter:
         start = time.perf_counter()
-        stamp = self.events.stamp() if self.events is not None else None
-        num_events = self.events.num_events if self.events is not None else 0
-        entry = self.host.get(adapter_id)
-        if entry is not None and stamp is not None and entry.stamp == stamp:
-            return self._done("host", entry.record, entry.files, start)  # no event since it was checked
         try:
             record = self._lookup(adapter_id)
         except AdapterNotFound:
-            self.host.pop(adapter_id)
             self._forget(adapter_id)
             raise
         except StoreUnavailable:
-            # Redis is down: keep serving what this replica has, else the last record it saw (object store).
-            record = entry.record if entry is not None else self._recall(adapter_id)
+            record = self._recall(adapter_id)   # Redis is down: the last record seen, from the object store
             if record is None:
                 raise
             self.metrics.count("num_registry_down")
-            if entry is not None:
-                return self._done("host", entry.record, entry.files, start)
             files, tier = self._read_bundle(record, use_redis=False)
-            self.host.put(adapter_id, HostEntry(record, files, None))  # unverified: rechecked once Redis is back
             return self._done(tier, record, files, start)
         self._remember(record)
-        # The copy may be trusted unchecked later only if no event (or reconnect) happened meanwhile.
-        unchanged = self.events is not None and self.events.stamp() == stamp and self.events.num_events == num_events
-        new_stamp = stamp if unchanged else None
-        if entry is not None and entry.record.sha256 == record.sha256:
-            entry.stamp = new_stamp
-            return self._done("host", record, entry.files, start)
         files, tier = self._read_bundle(record, use_redis=True)
-        self.host.put(adapter_id, HostEntry(record, files, new_stamp))
         return self._done(tier, record, files, start)
 
     def _lookup(self, adapter_id: str) -> VersionRecord:
@@ -128,9 +145,7 @@ class StoreSource:
 
     def _done(self, tier: str, record: VersionRecord, files: dict[str, bytes], start: float) -> FetchedAdapter:
         self.metrics.record_fetch(tier, time.perf_counter() - start)
-        if tier == "host":
-            self.metrics.add_bytes("host", record.num_bytes)
-        return FetchedAdapter(record.adapter_id, str(record.version), files)
+        return FetchedAdapter(record.adapter_id, str(record.version), files, record.sha256)
 
     def _read_bundle(self, record: VersionRecord, *, use_redis: bool) -> tuple[dict[str, bytes], str]:
         """Files of `record`, verified; tier = the slowest tier that had to serve part of it."""
@@ -184,14 +199,3 @@ class StoreSource:
     def _forget(self, adapter_id: str) -> None:
         with self._known_lock:
             self._known.pop(adapter_id, None)
-
-    def _on_event(self, event: AdapterEvent) -> None:
-        entry = self.host.get(event.adapter_id) if event.kind != "resync" else None
-        if entry is not None and (event.kind == "removed" or entry.record.version < event.version):
-            self.host.pop(event.adapter_id)
-        if event.kind == "removed":
-            self._forget(event.adapter_id)
-        if event.kind == "resync":  # Redis is back: stop answering from memory alone
-            self._registry_down_until = 0.0
-        for fn in list(self._listeners):
-            fn(event)

@@ -6,13 +6,11 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, fields
 
-from lorafleet.infra.adapter_ids import validate_adapter_id
 from lorafleet.infra.errors import AdapterCorrupt
 
 # = adapter_files.CONFIG_FILE, WEIGHTS_FILE; not imported from there: that module pulls in torch, and
 # `lorafleet adapters list` / the registry must stay light.
 BUNDLE_FILES = ("adapter_config.json", "adapter_model.safetensors")
-check_adapter_id = validate_adapter_id
 
 
 def bundle_sha256(files: dict[str, tuple[str, int]]) -> str:

@@ -1,14 +1,14 @@
 """Tensor ops for batches that mix many adapters: FLoRA linear, SGMV LoRA delta, the bmm baseline."""
 
-from .errors import KernelArgumentError
-from .ops import Backend, flora_linear, lora_bmm, lora_delta, select_backend
+from .ops import KernelBackend, flora_linear, lora_bmm, lora_delta, select_backend
 from .plan import AdapterBatchPlan, RankGroup, Segment, plan_adapter_batch
 from .reference import flora_linear_reference, lora_delta_reference
+from .validation import KernelArgumentError
 
 __all__ = [
     "AdapterBatchPlan",
-    "Backend",
     "KernelArgumentError",
+    "KernelBackend",
     "RankGroup",
     "Segment",
     "flora_linear",

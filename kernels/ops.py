@@ -7,26 +7,18 @@ from typing import Literal
 
 import torch
 
-from .errors import KernelArgumentError
 from .lora_bmm import lora_bmm_torch
-from .plan import AdapterBatchPlan, IndexLike, ScaleLike
+from .plan import AdapterBatchPlan, IndexLike, ScaleLike, resolve_plan
 from .reference import flora_linear_reference, lora_delta_reference
 from .torch_flora import flora_linear_torch
 from .torch_sgmv import lora_delta_torch
 from .triton_runtime import check_triton_device, is_interpreting, is_triton_available
-from .validation import (
-    KERNEL_DTYPES,
-    TORCH_DTYPES,
-    check_activations,
-    check_matrix,
-    check_out,
-    resolve_plan,
-)
+from .validation import KERNEL_DTYPES, TORCH_DTYPES, KernelArgumentError, check_activations, check_matrix, check_out
 
-Backend = Literal["reference", "torch", "triton"]
+KernelBackend = Literal["reference", "torch", "triton"]
 
 
-def select_backend(device: torch.device, backend: Backend | None = None) -> Backend:
+def select_backend(device: torch.device, backend: KernelBackend | None = None) -> KernelBackend:
     """Explicit choice wins; else CUDA -> triton, CPU -> torch, CPU with TRITON_INTERPRET=1 -> triton."""
     if backend is not None:
         if backend not in ("reference", "torch", "triton"):
@@ -73,7 +65,7 @@ _DELTA: dict[str, Callable[..., torch.Tensor]] = {
 
 
 def _prepare(x: torch.Tensor, in_rows: torch.Tensor, out_rows: torch.Tensor,
-             backend: Backend | None) -> tuple[torch.Tensor, Backend]:
+             backend: KernelBackend | None) -> tuple[torch.Tensor, KernelBackend]:
     backend = select_backend(x.device if isinstance(x, torch.Tensor) else torch.device("cpu"), backend)
     x = check_activations(x, KERNEL_DTYPES if backend == "triton" else TORCH_DTYPES)
     check_matrix("in_rows", in_rows, x, cols=x.shape[1])
@@ -86,7 +78,7 @@ def _prepare(x: torch.Tensor, in_rows: torch.Tensor, out_rows: torch.Tensor,
 def flora_linear(
     x: torch.Tensor, weight: torch.Tensor, in_rows: torch.Tensor, out_rows: torch.Tensor,
     token_start: IndexLike | None = None, token_rank: IndexLike | None = None, *,
-    plan: AdapterBatchPlan | None = None, out: torch.Tensor | None = None, backend: Backend | None = None,
+    plan: AdapterBatchPlan | None = None, out: torch.Tensor | None = None, backend: KernelBackend | None = None,
 ) -> torch.Tensor:
     """y[t] = sum_{j<r} out_rows[s+j] o ((in_rows[s+j] o x[t]) W^T), s = token_start[t], r = token_rank[t];
     y[t] = x[t] W^T when r = 0. Equals x[t] (W o B A)^T with B[:, j] = in_rows[s+j], A[j] = out_rows[s+j]
@@ -118,7 +110,7 @@ def lora_delta(
     x: torch.Tensor, in_rows: torch.Tensor, out_rows: torch.Tensor,
     token_start: IndexLike | None = None, token_rank: IndexLike | None = None,
     token_scale: ScaleLike | None = None, *, plan: AdapterBatchPlan | None = None,
-    out: torch.Tensor | None = None, accumulate: bool = False, backend: Backend | None = None,
+    out: torch.Tensor | None = None, accumulate: bool = False, backend: KernelBackend | None = None,
 ) -> torch.Tensor:
     """delta[t] = scale[t] * sum_{j<r} (x[t] . in_rows[s+j]) out_rows[s+j]; zero when r = 0.
     SGMV shrink (x A^T) then expand (h B) per segment; PEFT: in_rows = lora_A rows, out_rows = lora_B

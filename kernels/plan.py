@@ -1,4 +1,4 @@
-"""Adapter-batch plan: tokens grouped by adapter slot once per engine step, shared by every layer call."""
+"""Adapter-batch plan: tokens grouped by adapter slot once per engine step, shared by every layer call; resolve_plan."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .errors import KernelArgumentError
+from .validation import KernelArgumentError
 
 # FLoRA segments with at least this many (token x rank) rows fold B A into W once per tile
 # (cost ~ tokens + rank passes) instead of expanding every token into `rank` rows (cost tokens x rank).
@@ -199,6 +199,36 @@ def plan_adapter_batch(
         num_pool_rows_used=int((start + rank).max()) if num_tokens else 0,
     )
     return plan if torch.device(device).type == "cpu" else plan.to(device)
+
+
+def resolve_plan(
+    x: torch.Tensor,
+    pool_rows: int,
+    token_start: IndexLike | None,
+    token_rank: IndexLike | None,
+    token_scale: ScaleLike | None,
+    plan: AdapterBatchPlan | None,
+) -> AdapterBatchPlan:
+    """Take the caller's plan, or build one from the per-token arrays (a host sync: tests, one-off calls)."""
+    given = [name for name, value in (("token_start", token_start), ("token_rank", token_rank),
+                                      ("token_scale", token_scale)) if value is not None]
+    if plan is None:
+        if token_start is None or token_rank is None:
+            raise KernelArgumentError("pass token_start and token_rank, or plan=")
+        plan = plan_adapter_batch(token_start, token_rank, token_scale, device=x.device)
+    elif given:
+        raise KernelArgumentError(f"pass either plan= or per-token arrays, not both (got plan and {given})")
+    if not isinstance(plan, AdapterBatchPlan):
+        raise KernelArgumentError(f"plan must be an AdapterBatchPlan, got {type(plan).__name__}")
+    if plan.num_tokens != x.shape[0]:
+        raise KernelArgumentError(f"plan/token arrays cover {plan.num_tokens} tokens but x has T={x.shape[0]}")
+    if plan.device != x.device:
+        raise KernelArgumentError(f"plan is on {plan.device} but x is on {x.device}; use plan.to(device)")
+    if plan.num_pool_rows_used > pool_rows:
+        raise KernelArgumentError(
+            f"token_start + token_rank reaches pool row {plan.num_pool_rows_used - 1} but the pools have "
+            f"P={pool_rows} rows")
+    return plan
 
 
 def ragged_arange(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

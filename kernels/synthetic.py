@@ -14,7 +14,7 @@ POPULARITY = ("distinct", "identical", "uniform", "skewed")
 
 
 @dataclass(frozen=True, slots=True)
-class AdapterBatch:
+class SyntheticAdapters:
     """x [T, d_in], weight [d_out, d_in], pools [P, d_in] / [P, d_out], token arrays [T] (CPU int64/fp32)."""
 
     x: torch.Tensor
@@ -29,9 +29,9 @@ class AdapterBatch:
     def num_tokens(self) -> int:
         return self.x.shape[0]
 
-    def to(self, dtype: torch.dtype) -> AdapterBatch:
+    def to(self, dtype: torch.dtype) -> SyntheticAdapters:
         cast = {name: getattr(self, name).to(dtype) for name in ("x", "weight", "in_rows", "out_rows")}
-        return AdapterBatch(**cast, token_start=self.token_start, token_rank=self.token_rank,
+        return SyntheticAdapters(**cast, token_start=self.token_start, token_rank=self.token_rank,
                             token_scale=self.token_scale)
 
 
@@ -62,7 +62,7 @@ def make_adapter_batch(
     device: torch.device | str = "cpu",
     seed: int | None = None,
     pool_gap: int = 1,
-) -> AdapterBatch:
+) -> SyntheticAdapters:
     """Random batch whose adapters take ranks from `ranks` in turn (rank 0 = base-only tokens).
 
     Adapters sit in the pool in shuffled order with `pool_gap` random rows between them, so a kernel that
@@ -89,7 +89,7 @@ def make_adapter_batch(
     def randn(rows: int, cols: int, std: float) -> torch.Tensor:
         return (torch.randn(rows, cols, generator=values, device=device) * std).to(dtype)
 
-    return AdapterBatch(
+    return SyntheticAdapters(
         x=randn(num_tokens, d_in, 1.0),
         weight=randn(d_out, d_in, 1 / math.sqrt(d_in)),
         in_rows=randn(num_rows, d_in, 1.0),
@@ -100,7 +100,7 @@ def make_adapter_batch(
     )
 
 
-def pad_to_rank(batch: AdapterBatch, rank: int) -> AdapterBatch:
+def pad_to_rank(batch: SyntheticAdapters, rank: int) -> SyntheticAdapters:
     """The same batch as a max-rank-padded system stores it: every token's adapter in `rank` rows,
     rows past its real rank zero, so results are unchanged and only the work grows."""
     num_tokens = batch.num_tokens
@@ -109,7 +109,7 @@ def pad_to_rank(batch: AdapterBatch, rank: int) -> AdapterBatch:
     src = (batch.token_start[:, None] + j).clamp(max=max(batch.in_rows.shape[0] - 1, 0))
     keep = real.to(batch.in_rows.device, batch.in_rows.dtype)[:, :, None]
     src = src.to(batch.in_rows.device)
-    return AdapterBatch(
+    return SyntheticAdapters(
         x=batch.x, weight=batch.weight,
         in_rows=(batch.in_rows[src] * keep).reshape(num_tokens * rank, -1),
         out_rows=(batch.out_rows[src] * keep).reshape(num_tokens * rank, -1),

@@ -1,11 +1,12 @@
-"""Argument checks shared by every op: shapes, dtypes, devices, strides, and the plan, before any launch."""
+"""Argument checks shared by every op (shapes, dtypes, devices, strides) and their error type, before any launch."""
 
 from __future__ import annotations
 
 import torch
 
-from .errors import KernelArgumentError
-from .plan import AdapterBatchPlan, IndexLike, ScaleLike, plan_adapter_batch
+
+class KernelArgumentError(ValueError):
+    """A kernel argument has the wrong shape, dtype, device, layout or value; the message names it."""
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The torch paths also take float64 so the reference and the CPU path can be compared exactly.
@@ -55,36 +56,6 @@ def check_out(out: torch.Tensor | None, num_tokens: int, d_out: int, x: torch.Te
     if out.numel() and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
         raise KernelArgumentError("out must not share memory with x (kernels read x while writing out)")
     return out
-
-
-def resolve_plan(
-    x: torch.Tensor,
-    pool_rows: int,
-    token_start: IndexLike | None,
-    token_rank: IndexLike | None,
-    token_scale: ScaleLike | None,
-    plan: AdapterBatchPlan | None,
-) -> AdapterBatchPlan:
-    """Take the caller's plan, or build one from the per-token arrays (a host sync: tests, one-off calls)."""
-    given = [name for name, value in (("token_start", token_start), ("token_rank", token_rank),
-                                      ("token_scale", token_scale)) if value is not None]
-    if plan is None:
-        if token_start is None or token_rank is None:
-            raise KernelArgumentError("pass token_start and token_rank, or plan=")
-        plan = plan_adapter_batch(token_start, token_rank, token_scale, device=x.device)
-    elif given:
-        raise KernelArgumentError(f"pass either plan= or per-token arrays, not both (got plan and {given})")
-    if not isinstance(plan, AdapterBatchPlan):
-        raise KernelArgumentError(f"plan must be an AdapterBatchPlan, got {type(plan).__name__}")
-    if plan.num_tokens != x.shape[0]:
-        raise KernelArgumentError(f"plan/token arrays cover {plan.num_tokens} tokens but x has T={x.shape[0]}")
-    if plan.device != x.device:
-        raise KernelArgumentError(f"plan is on {plan.device} but x is on {x.device}; use plan.to(device)")
-    if plan.num_pool_rows_used > pool_rows:
-        raise KernelArgumentError(
-            f"token_start + token_rank reaches pool row {plan.num_pool_rows_used - 1} but the pools have "
-            f"P={pool_rows} rows")
-    return plan
 
 
 def _describe(value: object) -> str:

@@ -1,6 +1,6 @@
 """Locust workload for LoRAFleet: open-loop Poisson arrivals, Zipf adapter popularity, streaming OpenAI requests.
 
-One `ArrivalScheduler` user replays a LoadPlan (see plan.py): at each planned arrival time it spawns a greenlet
+One `ArrivalScheduler` user replays a LoadPlan (see load_plan.py): at each planned arrival time it spawns a greenlet
 that sends the request, whether or not earlier ones have finished (open loop: a slow server builds a queue
 instead of slowing the clients down). Each streamed request fires three Locust metrics:
   POST  /v1/completions | /v1/chat/completions   end-to-end latency (failures counted here)
@@ -26,7 +26,7 @@ from locust.exception import StopUser
 from locust.stats import CSV_STATS_INTERVAL_SEC
 from requests.adapters import HTTPAdapter
 
-from lorafleet.loadtests.plan import LoadPlan, PlannedRequest, prompt_text, rank_class
+from lorafleet.loadtests.load_plan import LoadPlan, PlannedRequest, prompt_text, rank_class
 
 PLAN_ENV, RECORDS_ENV = "LORAFLEET_LOADTEST_PLAN", "LORAFLEET_LOADTEST_RECORDS"
 DRAIN_ENV, TIMEOUT_ENV = "LORAFLEET_LOADTEST_DRAIN_S", "LORAFLEET_LOADTEST_TIMEOUT_S"

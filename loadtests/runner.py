@@ -9,13 +9,18 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lorafleet.loadtests.plan import LoadPlan, LoadTestError, build_plan
-from lorafleet.loadtests.workload import LengthDist
+from lorafleet.loadtests.load_plan import LoadPlan, LoadTestError, build_plan
+from lorafleet.placement.workload import LengthDist
 
 COMPARE_POLICIES = ("random", "rank-aware")
+# (demo_root, routing policy) -> a context manager that serves a local demo app and yields its base URL;
+# the CLI passes cluster.demo_target.local_demo (load tests do not import the cluster).
+DemoStarter = Callable[[Path, str], AbstractContextManager[str]]
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
 
@@ -34,7 +39,7 @@ def parse_duration(text: str) -> float:
 
 @dataclass(frozen=True, slots=True)
 class LoadTestConfig:
-    """One `lorafleet loadtest` invocation; prompt/output lengths are lognormal medians (workload.py)."""
+    """One `lorafleet loadtest` invocation; prompt/output lengths are lognormal medians (placement/workload.py)."""
 
     host: str | None
     rate: float
@@ -103,10 +108,9 @@ def fetch_adapter_ids(host: str, timeout_s: float = 5.0) -> list[str]:
 def plan_for_host(host: str, *, rate: float, duration_s: float, num_adapters: int, zipf: float, seed: int = 0,
                   prompt_tokens: int = 32, output_tokens: int = 16, length_sigma: float = 0.5,
                   chat_fraction: float = 0.25) -> LoadPlan:
-    from lorafleet.loadtests.demo_target import DEMO_RANKS
-
+    """The plan for the adapters `host` lists; ranks are read from the ids (`-r16`, `ia3`), as the demo's carry."""
     return build_plan(
-        fetch_adapter_ids(host), DEMO_RANKS, rate=rate, duration_s=duration_s, zipf=zipf,
+        fetch_adapter_ids(host), {}, rate=rate, duration_s=duration_s, zipf=zipf,
         num_adapters=num_adapters, chat_fraction=chat_fraction, seed=seed,
         prompt_tokens=LengthDist(prompt_tokens, length_sigma, 1, 8 * prompt_tokens),
         output_tokens=LengthDist(output_tokens, length_sigma, 1, 8 * output_tokens),
@@ -204,23 +208,27 @@ def run_one(config: LoadTestConfig, host: str, out_dir: Path, label: str, consol
     return report_run(config, plan, out_dir, wall_s, title, extra)
 
 
-def run_loadtest(config: LoadTestConfig, console=None) -> dict[str, dict]:
-    """Run one load test (or one per routing policy with is_policy_compare, or one per rate with
-    sweep_rates: see sweep.py); print the SLO table.
+def make_console():
+    """A rich Console: the terminal's width, 120 columns when piped."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 120)
+
+
+def run_loadtest(config: LoadTestConfig, console=None, *, start_demo: DemoStarter | None = None) -> dict[str, dict]:
+    """Run one load test against config.host, or with is_policy_compare one per routing policy against a local
+    demo app that `start_demo` serves; print the SLO table. (A capacity sweep is sweep.run_sweep.)
 
     Returns {run name: summary}. With a comparison the runs go to out_dir/<policy>/ and out_dir gets the
     combined summary.json, report.md and ttft_cdf.png (both policies on one plot).
     """
-    from rich.console import Console
-
     from lorafleet.loadtests.plots import plot_ttft_cdf
     from lorafleet.loadtests.report import markdown_table, slo_table
 
-    console = console or Console(width=None if sys.stdout.isatty() else 120)
-    if config.sweep_rates:
-        from lorafleet.loadtests.sweep import run_sweep
-
-        return run_sweep(config, console)
+    assert not config.sweep_rates, "a sweep runs through sweep.run_sweep"
+    if config.is_policy_compare and start_demo is None:
+        raise LoadTestError("--policy-compare needs a local demo app to start (start_demo)")
+    console = console or make_console()
     config.out_dir.mkdir(parents=True, exist_ok=True)
     summaries: dict[str, dict] = {}
     if not config.is_policy_compare:
@@ -228,14 +236,13 @@ def run_loadtest(config: LoadTestConfig, console=None) -> dict[str, dict]:
         fetch_adapter_ids(config.host)  # fail fast, before anything is written
         summaries["loadtest"], _ = run_one(config, config.host, config.out_dir, "loadtest", console)
     else:
-        from lorafleet.loadtests.demo_target import local_demo
-
+        assert start_demo is not None
         if config.host:
             console.print(f"--policy-compare load-tests a local demo app; ignoring --host {config.host}")
         all_records = {}
         for policy in COMPARE_POLICIES:
             console.print(f"starting the local demo app with routing policy [bold]{policy}[/] ...")
-            with local_demo(config.demo_root, policy) as url:
+            with start_demo(config.demo_root, policy) as url:
                 summaries[policy], all_records[policy] = run_one(
                     config, url, config.out_dir / policy, policy, console, extra={"routing_policy": policy})
         write_summary_all = {"params": config.params(), "runs": summaries}

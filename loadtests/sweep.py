@@ -8,8 +8,8 @@ import time
 from contextlib import nullcontext
 from dataclasses import replace
 
-from lorafleet.loadtests.plan import LoadTestError
-from lorafleet.loadtests.runner import LoadTestConfig, fetch_adapter_ids, run_one
+from lorafleet.loadtests.load_plan import LoadTestError
+from lorafleet.loadtests.runner import DemoStarter, LoadTestConfig, fetch_adapter_ids, make_console, run_one
 
 MAX_ERROR_RATE = 0.01
 NUM_FAILS_TO_STOP = 2  # --stop-early: this many consecutive failing rates end the sweep
@@ -145,21 +145,23 @@ def _should_stop(rows: list[dict]) -> bool:
     return len(rows) >= NUM_FAILS_TO_STOP and not any(row["is_pass"] for row in rows[-NUM_FAILS_TO_STOP:])
 
 
-def run_sweep(config: LoadTestConfig, console) -> dict[str, dict]:
+def run_sweep(config: LoadTestConfig, console=None, *, start_demo: DemoStarter | None = None) -> dict[str, dict]:
     """One run per config.sweep_rates (same seed: the workload generator draws the same arrival gaps, scaled by
-    1/rate) against config.host, or a local demo started once; out_dir/rate-<r>/ per rate, then summary.json,
-    report.md and sweep.png at the top. Returns {'rate-<r>': run summary}."""
-    from lorafleet.loadtests.demo_target import local_demo
+    1/rate) against config.host, or a local demo `start_demo` serves, started once; out_dir/rate-<r>/ per rate,
+    then summary.json, report.md and sweep.png at the top. Returns {'rate-<r>': run summary}."""
     from lorafleet.loadtests.plots import plot_sweep
 
     slo = config.slo_ttft_p95_s
     assert slo is not None  # LoadTestConfig requires the SLO with sweep_rates
+    console = console or make_console()
     if config.host:
         fetch_adapter_ids(config.host)  # fail fast, before anything is written
         target, target_name = nullcontext(config.host), config.host
+    elif start_demo is None:
+        raise LoadTestError("--sweep without --host needs a local demo app to start (start_demo)")
     else:
         console.print(f"starting the local demo app with routing policy [bold]{DEMO_POLICY}[/] ...")
-        target, target_name = local_demo(config.demo_root, DEMO_POLICY), f"local demo ({DEMO_POLICY})"
+        target, target_name = start_demo(config.demo_root, DEMO_POLICY), f"local demo ({DEMO_POLICY})"
     config.out_dir.mkdir(parents=True, exist_ok=True)
     summaries: dict[float, dict] = {}
     rows: list[dict] = []

@@ -1,7 +1,7 @@
 """lorafleet.placement: demand, operating points, the rank-aware solver, RoutingTable and the simulator."""
 
 from lorafleet.placement.cost_model import StepCostModel
-from lorafleet.placement.demand import CounterSource, DemandEstimator, InMemoryCounters
+from lorafleet.placement.demand_estimator import CounterSource, DemandEstimator, InMemoryCounters
 from lorafleet.placement.operating_points import OperatingPoints
 from lorafleet.placement.routing_table import RoutingTable, default_replica
 from lorafleet.placement.sim_policies import POLICIES, SimPolicy

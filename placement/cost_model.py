@@ -47,10 +47,6 @@ class StepCostModel:
         if self.fetch_bytes_per_s <= 0 or self.max_num_seqs < 1 or self.max_batched_tokens < 1:
             raise ValueError("need fetch_bytes_per_s > 0, max_num_seqs >= 1, max_batched_tokens >= 1")
 
-    @property
-    def is_padded(self) -> bool:
-        return self.kernel == "padded"
-
     def step_time(self, num_tokens: int, max_rank: int, rank_token_sum: int, distinct_rank_sum: int) -> float:
         """Seconds for one step; rank_token_sum = Σ_t r_t over the step's tokens."""
         lora_units = num_tokens * max_rank if self.kernel == "padded" else rank_token_sum

@@ -3,15 +3,32 @@
 from __future__ import annotations
 
 import heapq
-from typing import TYPE_CHECKING
+import math
+from dataclasses import dataclass
 
 import numpy as np
 
-from lorafleet.infra.errors import PlacementInfeasible
+from lorafleet.infra.errors import InvalidPlacement, PlacementInfeasible
 from lorafleet.placement.operating_points import OperatingPoints
 
-if TYPE_CHECKING:
-    from lorafleet.placement.solver import AdapterLoad
+
+@dataclass(frozen=True, slots=True)
+class AdapterLoad:
+    """Solver input for one adapter: demand in tokens/s; size_bytes 0 = rank x the points' bytes per rank."""
+
+    adapter_id: str
+    rank: int
+    tokens_per_s: float
+    size_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise InvalidPlacement(f"adapter '{self.adapter_id}': rank must be an integer >= 1, got {self.rank!r}")
+        if not (math.isfinite(self.tokens_per_s) and self.tokens_per_s >= 0):
+            raise InvalidPlacement(f"adapter '{self.adapter_id}': tokens_per_s must be finite and >= 0")
+        if self.size_bytes < 0:
+            raise InvalidPlacement(f"adapter '{self.adapter_id}': size_bytes must be >= 0")
+
 
 EPS = 1e-9
 LEVEL_STEP = 0.02  # step 4 raises the fill level in 2% steps

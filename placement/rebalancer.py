@@ -8,7 +8,8 @@ from typing import Any
 
 from lorafleet.infra.demand import DemandCounters
 from lorafleet.infra.errors import InvalidPlacement
-from lorafleet.placement.demand import DemandEstimator
+from lorafleet.infra.heartbeats import ReplicaLiveness
+from lorafleet.placement.demand_estimator import DemandEstimator
 from lorafleet.placement.liveness import compact_previous, expand_placement
 from lorafleet.placement.operating_points import OperatingPoints
 from lorafleet.placement.solver import AdapterLoad, solve
@@ -28,24 +29,11 @@ def adapter_info_from(list_current: Callable[[], list]) -> AdapterInfo:
     return info
 
 
-def registry_adapter_info(client: Any, prefix: str) -> AdapterInfo:
-    """Ranks and sizes of registered adapters, read from the adapter store's registry in Redis."""
-    from lorafleet.infra.registry import Registry
-
-    return adapter_info_from(Registry(client, prefix).list_current)
-
-
-def store_adapter_info(store: Any) -> AdapterInfo:
-    """The same through an AdapterStore: a registry lost with a Redis restart is rebuilt from the object store
-    before the solver reads it (the placement controller's source)."""
-    return adapter_info_from(store.list_current)
-
-
 @dataclass(slots=True)
 class Rebalancer:
     """Reads demand counters and the current table from Redis, solves, and publishes (compare-and-set).
 
-    Used by `lorafleet rebalance` and by the placement controller deployment every period.
+    Used by `lorafleet rebalance` and by the placement controller every period, both built by from_settings().
     """
 
     redis: Any
@@ -55,6 +43,19 @@ class Rebalancer:
     max_rank: int
     adapter_info: AdapterInfo | None = None
     num_periods: int = 10
+    liveness: ReplicaLiveness | None = None  # heartbeats: run() without live_ranks solves over the live ones
+
+    @classmethod
+    def from_settings(cls, settings: Any, *, points: OperatingPoints | None = None,
+                      num_periods: int = 10) -> Rebalancer:
+        """The rebalancer of a deployment: Redis and the adapters' ranks and sizes through its AdapterStore (whose
+        reads rebuild a registry Redis lost from the object store), live ranks from the replicas' heartbeats."""
+        from lorafleet.infra.store import AdapterStore  # torch-free callers of placement never pay for it
+
+        store = AdapterStore.from_settings(settings)
+        return cls(store.redis, settings.redis_prefix, points or OperatingPoints.default(),
+                   settings.rebalance_period_s, settings.max_rank, adapter_info_from(store.list_current),
+                   num_periods, ReplicaLiveness(store.redis, settings.redis_prefix))
 
     def __post_init__(self) -> None:
         if self.num_periods < 1 or self.period_s <= 0:
@@ -66,10 +67,13 @@ class Rebalancer:
             live_ranks: list[int] | None = None) -> tuple[dict, TableDiff]:
         """Solve for `num_replicas`; publish unless dry_run. Returns (report, diff).
 
-        `live_ranks` (e.g. ReplicaLiveness.live_ranks): solve over those ranks only; None = every rank.
+        `live_ranks`: solve over those ranks only; None = the ranks the heartbeats call live (with `liveness`),
+        else every rank.
         """
         if num_replicas < 1:
             raise InvalidPlacement(f"--num-replicas must be >= 1, got {num_replicas}")
+        if live_ranks is None and self.liveness is not None:
+            live_ranks = self.liveness.live_ranks(num_replicas)   # a replica that died and stayed dead: left out
         live = sorted(set(live_ranks)) if live_ranks else list(range(num_replicas))
         if live[0] < 0 or live[-1] >= num_replicas:
             raise InvalidPlacement(f"live ranks {live} are not all in 0..{num_replicas - 1}")

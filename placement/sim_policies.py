@@ -1,17 +1,21 @@
-"""Routing/placement policies the simulator compares; each subclasses SimPolicy and registers in POLICIES."""
+"""Routing/placement policies the simulator compares; each subclasses SimPolicy and registers in POLICIES.
+
+Names and shared choices: placement/policies.py (the router's random, affinity and rank-aware are the same code).
+"""
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
 
-from lorafleet.loadtests.workload import Workload
-from lorafleet.placement.demand import DemandEstimator, InMemoryCounters
+from lorafleet.placement.demand_estimator import DemandEstimator, InMemoryCounters
 from lorafleet.placement.operating_points import OperatingPoints
-from lorafleet.placement.routing_table import RoutingTable, default_replica
+from lorafleet.placement.policies import affinity_rank, random_rank
+from lorafleet.placement.routing_table import RoutingTable
 from lorafleet.placement.sim_replica import ReplicaSim
 from lorafleet.placement.solver import AdapterLoad, solve
 from lorafleet.placement.table_diff import diff
+from lorafleet.placement.workload import Workload
 
 
 @dataclass(slots=True)
@@ -39,6 +43,7 @@ class SimPolicy:
     def setup(self, ctx: SimContext) -> None:
         self.ctx = ctx
         self.num_replicas = len(ctx.replicas)
+        self.live_ranks = range(self.num_replicas)  # simulated replicas never die
         self.rng = random.Random(ctx.seed)
 
     def choose(self, i: int, adapter: int, now: float) -> int:
@@ -52,7 +57,7 @@ class RandomPolicy(SimPolicy):
     name = "random"
 
     def choose(self, i: int, adapter: int, now: float) -> int:
-        return self.rng.randrange(self.num_replicas)
+        return random_rank(self.live_ranks, self.rng)
 
 
 class RoundRobinPolicy(SimPolicy):
@@ -86,7 +91,7 @@ class AffinityPolicy(SimPolicy):
 
     def setup(self, ctx: SimContext) -> None:
         super().setup(ctx)
-        self.home = [default_replica(a, self.num_replicas) for a in ctx.workload.adapter_ids]
+        self.home = [affinity_rank(a, self.live_ranks) for a in ctx.workload.adapter_ids]
 
     def choose(self, i: int, adapter: int, now: float) -> int:
         return self.home[adapter]
@@ -143,7 +148,7 @@ class RankAwarePolicy(SimPolicy):
     def choose(self, i: int, adapter: int, now: float) -> int:
         adapter_id = self.adapter_ids[adapter]
         self.record(adapter_id, self.tokens[i], 1, now)
-        return self.sample(adapter_id, self.rng)
+        return self.sample(adapter_id, self.rng)   # RoutingTable.sample, as the router's rank-aware policy
 
     def rebalance(self, now: float) -> None:
         rates = self.estimator.update(self.counters, self.ctx.rebalance_period_s, now - 1e-9)
@@ -159,6 +164,7 @@ class RankAwarePolicy(SimPolicy):
         self.sample = new.sample
 
 
+# Every name of placement/policies.py POLICY_NAMES, in its order (the `lorafleet simulate` default).
 POLICIES: dict[str, type[SimPolicy]] = {
     cls.name: cls
     for cls in (RandomPolicy, RoundRobinPolicy, LeastLoadedPolicy, AffinityPolicy, AllEverywherePolicy, RankAwarePolicy)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from lorafleet.loadtests.workload import WorkloadSpec, generate
 from lorafleet.placement.cost_model import StepCostModel
 from lorafleet.placement.operating_points import OperatingPoints
 from lorafleet.placement.simulator import SimConfig, run_policy
+from lorafleet.placement.workload import WorkloadSpec, generate
 
 # Memory defaults of the simulated replica: 8 GiB of adapter memory, 2 MiB per rank unit (q,k,v,o, fp16, 7B).
 DEFAULT_MAX_ADAPTER_BYTES = 8 * 2**30

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lorafleet.infra.errors import InvalidPlacement
-from lorafleet.loadtests.workload import Workload, WorkloadSpec, generate
 from lorafleet.placement.cost_model import StepCostModel
 from lorafleet.placement.operating_points import OperatingPoints
 from lorafleet.placement.sim_policies import POLICIES, SimContext
 from lorafleet.placement.sim_replica import INF, ReplicaSim, RequestData, SharedStore
+from lorafleet.placement.workload import Workload, WorkloadSpec, generate
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,8 +11,8 @@ import random
 import time
 from typing import Any
 
-from lorafleet.infra.demand import redis_errors
 from lorafleet.infra.errors import PlacementConflict, StoreUnavailable
+from lorafleet.infra.redis_conn import REDIS_DOWN_ERRORS
 from lorafleet.placement.routing_table import RoutingTable
 
 MAX_CAS_RETRIES = 64
@@ -36,7 +36,7 @@ class RoutingTableStore:
         """Version of the published table; 0 when none was published."""
         try:
             raw = self.redis.get(self.version_key)
-        except redis_errors() as exc:
+        except REDIS_DOWN_ERRORS as exc:
             raise self._unavailable(exc) from None
         return int(raw) if raw is not None else 0
 
@@ -44,7 +44,7 @@ class RoutingTableStore:
         """The published table, or None when none was published."""
         try:
             raw = self.redis.get(self.table_key)
-        except redis_errors() as exc:
+        except REDIS_DOWN_ERRORS as exc:
             raise self._unavailable(exc) from None
         return RoutingTable.from_json(raw) if raw is not None else None
 
@@ -78,7 +78,7 @@ class RoutingTableStore:
                     except redis.exceptions.WatchError:
                         time.sleep(random.uniform(0, 0.002))  # jitter: racing controllers stop colliding
                         continue
-        except redis_errors() as exc:
+        except REDIS_DOWN_ERRORS as exc:
             raise self._unavailable(exc) from None
         raise PlacementConflict(f"routing table: {MAX_CAS_RETRIES} concurrent publishes in a row; try again")
 
@@ -87,7 +87,7 @@ class RoutingTableStore:
         try:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             pubsub.subscribe(self.channel)
-        except redis_errors() as exc:
+        except REDIS_DOWN_ERRORS as exc:
             raise self._unavailable(exc) from None
         return pubsub
 
@@ -96,14 +96,14 @@ class RoutingTableStore:
         try:
             record = json.dumps({"rank": int(rank), "size_bytes": int(size_bytes)})
             self.redis.hset(self.adapters_key, adapter_id, record)
-        except redis_errors() as exc:
+        except REDIS_DOWN_ERRORS as exc:
             raise self._unavailable(exc) from None
 
     def adapter_info(self) -> dict[str, tuple[int, int]]:
         """adapter_id → (rank, size_bytes) for every adapter recorded with put_adapter_info()."""
         try:
             raw = self.redis.hgetall(self.adapters_key)
-        except redis_errors() as exc:
+        except REDIS_DOWN_ERRORS as exc:
             raise self._unavailable(exc) from None
         out: dict[str, tuple[int, int]] = {}
         for key, value in raw.items():

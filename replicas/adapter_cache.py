@@ -1,29 +1,36 @@
-"""Adapter cache of one engine: device slots <- host LRU <- AdapterSource, with background prefetch.
+"""AdapterCache: the one owner of a replica's adapter residency — device slots <- host tier <- AdapterSource.
 
-- watch(id) when a request arrives starts fetching its adapter on a loader thread (prefetch); requests
-  whose adapter is loading wait in the scheduler without blocking others.
-- try_acquire(id) pins the adapter in device row pools, evicting the least recently used adapter that
-  no running request uses; a pinned adapter is never evicted.
-- A fetch or validation error marks the adapter failed: the requests waiting on it fail with that error,
-  then the entry is dropped so a later request retries.
+- watch(id) when a request arrives starts fetching its adapter on a loader thread (prefetch); requests whose
+  adapter is loading wait in the scheduler without blocking others. prefetch(ids) does the same ahead of demand.
+- try_acquire(id) pins the adapter in device row pools, evicting the least recently used adapter that no running
+  request uses; a pinned adapter is never evicted. The host tier keeps validated weights within a byte budget.
+- Freshness: store events ('updated', 'removed') and a resync — on every reconnect of the event feed and every
+  `resync_interval_s` — compare what is held with the source's current versions; a stale copy is retired (its
+  rows stay until the requests running on it finish, so no request mixes two versions) and refetched when wanted.
+- A fetch or validation error marks the adapter failed: the requests waiting on it fail with that error, then the
+  entry is dropped so a later request retries.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from lorafleet.infra.adapter_source import AdapterSource
-from lorafleet.infra.adapters import AdapterWeights, load_adapter_dir, load_adapter_files, validate_adapter_id
-from lorafleet.infra.base_spec import BaseModelSpec
-from lorafleet.infra.errors import AdapterNotFound, InvalidAdapter, LoRAFleetError, StoreUnavailable
+from lorafleet.infra.adapter_ids import validate_adapter_id
+from lorafleet.infra.adapter_source import AdapterSource, VersionedSource
+from lorafleet.infra.adapters import AdapterWeights
+from lorafleet.infra.errors import AdapterNotFound, LoRAFleetError, StoreUnavailable
+from lorafleet.infra.events import AdapterEvent
+from lorafleet.replicas.adapter_loader import AdapterLoader
 from lorafleet.replicas.adapter_pool import AdapterPools
 from lorafleet.replicas.scheduler import AdapterStatus
+
+logger = logging.getLogger("lorafleet.replica")
 
 
 @dataclass(slots=True)
@@ -32,26 +39,33 @@ class _Entry:
     weights: AdapterWeights | None = None
     error: Exception | None = None
     version: str = ""
+    is_from_path: bool = False  # registered with load(): events and resyncs of the source do not apply
+    newer_than: str = ""       # an event announced this version while loading: a fetch of an older one is refetched
     slot: int | None = None
     num_pins: int = 0          # running requests using it on the device
     num_waiting: int = 0       # requests in the engine that named it (host copy kept while > 0)
     is_stale: bool = False     # replaced or unloaded while pinned: uninstall when the last pin goes
 
 
-class AdapterCache:
-    """Implements the scheduler's AdapterGate. Loader threads only fetch + validate + convert on the host;
-    the device pools are written by the engine thread alone (in try_acquire, between forward passes)."""
+def is_older(version: str, than: str) -> bool:
+    """Store versions are integers (compare them); other sources' versions only differ or not."""
+    if version.isdigit() and than.isdigit():
+        return int(version) < int(than)
+    return version != than
 
-    def __init__(self, pools: AdapterPools, spec: BaseModelSpec, source: AdapterSource | None, *, max_rank: int,
-                 max_bytes: int, host_cache_bytes: int, num_loaders: int, dtype: torch.dtype) -> None:
+
+class AdapterCache:
+    """Implements the scheduler's AdapterGate. Loader threads only fetch + validate + convert on the host; the
+    device pools are written under the lock, by the engine thread (try_acquire) or when a copy is retired."""
+
+    def __init__(self, pools: AdapterPools, loader: AdapterLoader, source: AdapterSource | None, *,
+                 host_cache_max_bytes: int, num_loaders: int, resync_interval_s: float = 0.0) -> None:
         self.pools = pools
-        self.spec = spec
+        self.loader = loader
+        self.spec = loader.spec
         self.source = source
-        self.max_rank = max_rank
-        self.max_bytes = max_bytes
-        self.host_cache_bytes = host_cache_bytes
-        self.dtype = dtype
-        self._lock = threading.Lock()   # entries are shared with loader threads
+        self.host_cache_max_bytes = host_cache_max_bytes
+        self._lock = threading.RLock()   # entries are shared with loader, event and resync threads
         self._entries: dict[str, _Entry] = {}
         self._paths: dict[str, Path] = {}
         self._stale: dict[int, _Entry] = {}    # slot -> replaced/unloaded entry still pinned by requests
@@ -59,18 +73,24 @@ class AdapterCache:
         self._host_lru: OrderedDict[str, None] = OrderedDict()     # ready on the host; oldest first
         self._executor = ThreadPoolExecutor(max_workers=num_loaders, thread_name_prefix="adapter-loader")
         self.stats = {"loads": 0, "load_failures": 0, "hits": 0, "installs": 0, "evictions": 0,
-                      "compactions": 0, "host_evictions": 0}
+                      "compactions": 0, "host_evictions": 0, "stale_replaced": 0, "resyncs": 0, "prefetches": 0}
+        self._closed = threading.Event()
+        self._subscription = None
+        if isinstance(source, VersionedSource):
+            self._subscription = source.subscribe(self._on_event)
+            if resync_interval_s > 0:
+                threading.Thread(target=self._resync_loop, args=(resync_interval_s,), daemon=True,
+                                 name="adapter-resync").start()
 
     # -- registration (engine API) ------------------------------------------------------------------
     def load(self, adapter_id: str, path: str | Path) -> AdapterWeights:
         """Read and validate an adapter directory now (InvalidAdapter on error) and serve it as adapter_id."""
         validate_adapter_id(adapter_id)
-        weights = load_adapter_dir(path, self.spec, max_rank=self.max_rank, max_bytes=self.max_bytes)
-        weights = self._convert(self._check_targets(weights, str(path)))
+        weights = self.loader.from_dir(path)
         with self._lock:
             self._paths[adapter_id] = Path(path)
             old = self._entries.get(adapter_id)
-            entry = _Entry("ready", weights, version=f"path:{path}")
+            entry = _Entry("ready", weights, version=f"path:{path}", is_from_path=True)
             if old is not None:
                 entry.num_waiting = old.num_waiting
                 self._retire(adapter_id, old)
@@ -91,10 +111,7 @@ class AdapterCache:
         """A request names adapter_id: keep it (or start fetching it on a loader thread)."""
         validate_adapter_id(adapter_id)
         with self._lock:
-            entry = self._entries.get(adapter_id)
-            if entry is None:
-                entry = self._entries[adapter_id] = _Entry("loading")
-                self._executor.submit(self._fetch, adapter_id, entry)
+            entry = self._entries.get(adapter_id) or self._start_fetch(adapter_id)
             entry.num_waiting += 1
 
     def unwatch(self, adapter_id: str) -> None:
@@ -107,6 +124,18 @@ class AdapterCache:
             if entry.num_waiting <= 0 and entry.status == "failed":
                 del self._entries[adapter_id]
             self._evict_host()
+
+    def prefetch(self, adapter_ids: Iterable[str]) -> int:
+        """Fetch adapters not held yet into the host tier, ahead of their requests; returns how many started."""
+        num_started = 0
+        with self._lock:
+            for adapter_id in adapter_ids:
+                validate_adapter_id(adapter_id)
+                if adapter_id not in self._entries:
+                    self._start_fetch(adapter_id)
+                    num_started += 1
+            self.stats["prefetches"] += num_started
+        return num_started
 
     # -- AdapterGate (engine thread) ------------------------------------------------------------------
     def adapter_status(self, adapter_id: str) -> AdapterStatus:
@@ -130,7 +159,7 @@ class AdapterCache:
                         self.pools.compact()
                         self.stats["compactions"] += 1
                     elif self._device_lru:
-                        self._uninstall(self._device_lru.popitem(last=False)[0])
+                        self._uninstall_entry(self._entries[self._device_lru.popitem(last=False)[0]])
                         self.stats["evictions"] += 1
                     else:
                         return None
@@ -157,6 +186,7 @@ class AdapterCache:
                 else:
                     self._device_lru[adapter_id] = None
 
+    # -- what is where ------------------------------------------------------------------------------------
     def residency(self, adapter_id: str) -> str:
         """Where the adapter is now: 'device' (in the row pools), 'host' (fetched), 'loading' or 'cold'."""
         entry = self._entries.get(adapter_id)
@@ -165,6 +195,11 @@ class AdapterCache:
         if entry.status == "loading":
             return "loading"
         return "device" if entry.slot is not None else "host"
+
+    def version(self, adapter_id: str) -> str | None:
+        """The version held (ready) for adapter_id, None if none."""
+        entry = self._entries.get(adapter_id)
+        return entry.version if entry is not None and entry.status == "ready" else None
 
     def info(self) -> dict:
         with self._lock:
@@ -176,63 +211,121 @@ class AdapterCache:
                 "num_host": len(self._host_lru),
                 "num_loading": sum(1 for e in self._entries.values() if e.status == "loading"),
                 "free_rows": self.pools.allocator.num_free_rows,
+                "num_validations": self.loader.num_validations,
+                "num_revalidations_skipped": self.loader.num_revalidations_skipped,
                 **self.stats,
             }
 
     def close(self) -> None:
+        self._closed.set()
+        if self._subscription is not None:
+            self._subscription.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    # -- freshness: events and resync -------------------------------------------------------------------
+    def resync(self) -> int:
+        """Compare every store adapter held with the source's current version now; retire stale and removed
+        copies (refetching the wanted ones). Returns how many were stale. StoreUnavailable: nothing changes."""
+        if not isinstance(self.source, VersionedSource):
+            return 0
+        with self._lock:
+            held = {a: e.version for a, e in self._entries.items() if e.status == "ready" and not e.is_from_path}
+        if not held:
+            return 0
+        current = self.source.current_versions(list(held))
+        num_stale = 0
+        with self._lock:
+            self.stats["resyncs"] += 1
+            for adapter_id, version in current.items():
+                entry = self._entries.get(adapter_id)
+                if entry is None or entry.status != "ready" or entry.is_from_path:
+                    continue
+                if version is None or is_older(entry.version, version):
+                    num_stale += 1
+                    self._replace_stale(adapter_id, entry, refetch=version is not None)
+        return num_stale
+
+    def _on_event(self, event: AdapterEvent) -> None:
+        if event.kind == "resync":   # the feed reconnected: events may have been missed
+            self._resync_quietly()
+            return
+        with self._lock:
+            entry = self._entries.get(event.adapter_id)
+            if entry is None or entry.is_from_path:
+                return
+            version = str(event.version)
+            if entry.status == "loading":   # its fetch may have read the version before this one
+                entry.newer_than = version if event.kind == "updated" else entry.newer_than
+                return
+            if event.kind == "removed":
+                self._replace_stale(event.adapter_id, entry, refetch=False)
+            elif entry.status == "ready" and is_older(entry.version, version):
+                self._replace_stale(event.adapter_id, entry, refetch=True)
+
+    def _resync_loop(self, interval_s: float) -> None:
+        while not self._closed.wait(interval_s):
+            self._resync_quietly()
+
+    def _resync_quietly(self) -> None:
+        try:
+            self.resync()
+        except StoreUnavailable as exc:   # keep serving what is held; the next resync tries again
+            logger.info("adapter resync skipped: %s", exc)
+        except Exception:
+            logger.exception("adapter resync failed")
+
+    def _replace_stale(self, adapter_id: str, entry: _Entry, *, refetch: bool) -> None:
+        """Retire a stale copy (under the lock); refetch at once if requests wait for it or it was on the device."""
+        self.stats["stale_replaced"] += 1
+        was_on_device = entry.slot is not None
+        del self._entries[adapter_id]
+        self._retire(adapter_id, entry)
+        # Requests in the engine move to the new entry (their unwatch lands there); if the adapter was removed,
+        # that fetch fails them with the store's answer.
+        if entry.num_waiting > 0 or (refetch and was_on_device):
+            self._start_fetch(adapter_id).num_waiting = entry.num_waiting
+
     # -- internals ------------------------------------------------------------------------------------
+    def _start_fetch(self, adapter_id: str) -> _Entry:
+        entry = self._entries[adapter_id] = _Entry("loading")
+        self._executor.submit(self._fetch, adapter_id, entry)
+        return entry
+
     def _fetch(self, adapter_id: str, entry: _Entry) -> None:
+        while True:
+            version, weights, error = self._load(adapter_id)
+            with self._lock:
+                if self._entries.get(adapter_id) is not entry:
+                    return          # unloaded or replaced meanwhile
+                if error is None and entry.newer_than and is_older(version, entry.newer_than):
+                    entry.newer_than = ""
+                    continue        # an update was announced while this fetch read the older version
+                if error is None:
+                    entry.status, entry.weights, entry.version = "ready", weights, version
+                    entry.is_from_path = version.startswith("path:")
+                    self.stats["loads"] += 1
+                    self._touch_host(adapter_id)
+                    self._evict_host()
+                else:
+                    entry.status, entry.error = "failed", error
+                    self.stats["load_failures"] += 1
+                    if entry.num_waiting <= 0:
+                        del self._entries[adapter_id]
+                return
+
+    def _load(self, adapter_id: str) -> tuple[str, AdapterWeights | None, Exception | None]:
         try:
             path = self._paths.get(adapter_id)
             if path is not None:
-                weights, version = load_adapter_dir(path, self.spec, max_rank=self.max_rank,
-                                                    max_bytes=self.max_bytes), f"path:{path}"
-            elif self.source is not None:
-                fetched = self.source.fetch(adapter_id)
-                weights = load_adapter_files(fetched.files, self.spec, max_rank=self.max_rank,
-                                             max_bytes=self.max_bytes, source=f"adapter '{adapter_id}'")
-                version = fetched.version
-            else:
+                return f"path:{path}", self.loader.from_dir(path), None
+            if self.source is None:
                 raise AdapterNotFound(f"adapter '{adapter_id}' is not loaded and the engine has no adapter source")
-            weights = self._convert(self._check_targets(weights, f"adapter '{adapter_id}'"))
-            error = None
+            fetched = self.source.fetch(adapter_id)
+            return fetched.version, self.loader.from_fetched(fetched), None
         except LoRAFleetError as exc:
-            error = exc
+            return "", None, exc
         except Exception as exc:  # a source's own bug or I/O error must fail this request only
-            error = StoreUnavailable(f"adapter '{adapter_id}': fetch failed: {exc!r}")
-        with self._lock:
-            if self._entries.get(adapter_id) is not entry:
-                return          # unloaded or replaced meanwhile
-            if error is None:
-                entry.status, entry.weights, entry.version = "ready", weights, version
-                self.stats["loads"] += 1
-                self._touch_host(adapter_id)
-                self._evict_host()
-            else:
-                entry.status, entry.error = "failed", error
-                self.stats["load_failures"] += 1
-                if entry.num_waiting <= 0:
-                    del self._entries[adapter_id]
-
-    def _check_targets(self, weights: AdapterWeights, source: str) -> AdapterWeights:
-        extra = sorted(set(weights.target_modules) - set(self.pools.target_modules))
-        if extra:
-            raise InvalidAdapter(f"{source}: targets {extra}, but this engine serves adapters on "
-                                 f"{list(self.pools.target_modules)} only (EngineConfig.target_modules)")
-        return weights
-
-    def _convert(self, weights: AdapterWeights) -> AdapterWeights:
-        """Rows in the pool dtype once, on the loader thread, so install() is a plain copy."""
-        pin = self.pools.in_rows[0].is_cuda if self.pools.in_rows else False
-        modules = {}
-        for key, m in weights.modules.items():
-            in_rows, out_rows = m.in_rows.to(self.dtype).contiguous(), m.out_rows.to(self.dtype).contiguous()
-            if pin:
-                in_rows, out_rows = in_rows.pin_memory(), out_rows.pin_memory()
-            modules[key] = replace(m, in_rows=in_rows, out_rows=out_rows)
-        return replace(weights, modules=modules)
+            return "", None, StoreUnavailable(f"adapter '{adapter_id}': fetch failed: {exc!r}")
 
     def _touch_host(self, adapter_id: str) -> None:
         self._host_lru[adapter_id] = None
@@ -242,7 +335,7 @@ class AdapterCache:
         """Drop host copies over the byte budget: oldest first, only adapters nobody waits for or runs."""
         total = sum(w.num_bytes for a in self._host_lru if (w := self._entries[a].weights) is not None)
         for adapter_id in list(self._host_lru):
-            if total <= self.host_cache_bytes:
+            if total <= self.host_cache_max_bytes:
                 break
             entry = self._entries[adapter_id]
             if entry.num_waiting > 0 or entry.num_pins > 0 or entry.slot is not None:
@@ -262,9 +355,6 @@ class AdapterCache:
         else:
             entry.is_stale = True
             self._stale[entry.slot] = entry
-
-    def _uninstall(self, adapter_id: str) -> None:
-        self._uninstall_entry(self._entries[adapter_id])
 
     def _uninstall_entry(self, entry: _Entry) -> None:
         assert entry.num_pins == 0 and entry.slot is not None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lorafleet.kernels import Backend, flora_linear, lora_delta
+from lorafleet.kernels import KernelBackend, flora_linear, lora_delta
 from lorafleet.replicas.adapter_batch import AdapterBatch
 
 
@@ -20,7 +20,7 @@ class AdapterLinear:
     __slots__ = ("weight", "bias", "in_rows", "out_rows", "index", "backend")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, in_rows: torch.Tensor,
-                 out_rows: torch.Tensor, index: int, backend: Backend | None = None) -> None:
+                 out_rows: torch.Tensor, index: int, backend: KernelBackend | None = None) -> None:
         assert in_rows.shape[1] == weight.shape[1] and out_rows.shape[1] == weight.shape[0]
         self.weight = weight
         self.bias = bias

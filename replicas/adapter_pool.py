@@ -110,10 +110,6 @@ class AdapterPools:
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.in_rows, *self.out_rows))
 
-    @property
-    def num_free_slots(self) -> int:
-        return len(self._free_slots)
-
     def can_install(self, num_rows: int) -> bool:
         return bool(self._free_slots) and self.allocator.largest_free >= num_rows
 

@@ -24,7 +24,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_batched_tokens: int = 2048
     max_model_len: int | None = None        # default: the model's max_position_embeddings (capped by KV)
-    block_size: int = 16
+    kv_block_size: int = 16
     num_kv_blocks: int | None = None        # explicit block count; else from kv_cache_bytes / memory
     kv_cache_bytes: int | None = None
     gpu_memory_utilization: float = 0.9
@@ -33,13 +33,14 @@ class EngineConfig:
     max_rank: int = 64
     adapter_pool_rows: int | None = None
     max_adapter_bytes: int = 1 << 30
-    host_cache_bytes: int = 4 << 30         # host tier of fetched adapters (LRU, unused ones only)
+    host_cache_max_bytes: int = 1 << 30     # host tier of fetched adapters (LRU, unused ones only)
     num_adapter_loaders: int = 2            # background fetch threads (prefetch of queued requests)
+    adapter_resync_s: float = 30.0          # recheck held adapters' versions with the store this often (0 = never)
     kernel_backend: str | None = None       # lorafleet.kernels backend; None = by device
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _positive(self, "max_num_seqs", "max_batched_tokens", "block_size", "max_adapters", "max_rank",
+        _positive(self, "max_num_seqs", "max_batched_tokens", "kv_block_size", "max_adapters", "max_rank",
                   "max_adapter_bytes", "num_adapter_loaders")
         self.target_modules = tuple(self.target_modules)
         unknown = [m for m in self.target_modules if m not in TARGET_MODULES]
@@ -60,12 +61,21 @@ class EngineConfig:
                              f"max_rank={self.max_rank}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
-        if self.host_cache_bytes < 0:
-            raise ValueError("host_cache_bytes must be >= 0")
+        if self.host_cache_max_bytes < 0:
+            raise ValueError("host_cache_max_bytes must be >= 0")
+        if not self.adapter_resync_s >= 0:
+            raise ValueError("adapter_resync_s must be >= 0 (0 = no periodic resync)")
 
     @property
     def num_pool_rows(self) -> int:
         return self.adapter_pool_rows or self.max_adapters * self.max_rank
+
+    @classmethod
+    def from_settings(cls, settings: object, **overrides: object) -> EngineConfig:
+        """The engine's fields from LoRAFleet's Settings (same names, nothing renamed), then `overrides`.
+        Duck-typed: the engine never imports pydantic."""
+        values = {f.name: getattr(settings, f.name) for f in fields(cls) if hasattr(settings, f.name)}
+        return cls.from_kwargs(**(values | overrides))
 
     @classmethod
     def from_kwargs(cls, **kwargs: object) -> EngineConfig:

@@ -7,7 +7,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +22,8 @@ from lorafleet.replicas.outputs import RequestMetrics, RequestOutput
 from lorafleet.replicas.sampling_params import SamplingParams
 from lorafleet.replicas.scheduler import ScheduledSeq
 from lorafleet.replicas.sequence import Sequence
-from lorafleet.replicas.streaming import StreamHub
+from lorafleet.replicas.streaming import Prompt, StreamHub
 from lorafleet.replicas.tokenizer import find_stop
-
-Prompt = str | Seq[int]
 
 
 class Engine:

@@ -10,6 +10,7 @@ import torch
 from lorafleet.infra.adapter_source import AdapterSource
 from lorafleet.infra.base_spec import BaseModelSpec
 from lorafleet.replicas.adapter_cache import AdapterCache
+from lorafleet.replicas.adapter_loader import AdapterLoader
 from lorafleet.replicas.adapter_pool import AdapterPools
 from lorafleet.replicas.attention import PagedKVCache
 from lorafleet.replicas.config import DEFAULT_CPU_KV_BYTES, EngineConfig
@@ -44,17 +45,18 @@ def build_parts(model_dir: Path, config: EngineConfig, source: AdapterSource | N
     state = load_state_dict(model_dir, model_config, dtype, device)
     pools = AdapterPools(model_config.num_layers, spec.module_shapes, config.num_pool_rows, config.max_adapters,
                          dtype, device, config.target_modules)
-    layout = KVLayout(model_config.num_layers, model_config.num_kv_heads, model_config.head_dim, config.block_size,
+    layout = KVLayout(model_config.num_layers, model_config.num_kv_heads, model_config.head_dim, config.kv_block_size,
                       torch.empty((), dtype=dtype).element_size())
     num_blocks = config.num_kv_blocks or layout.num_blocks_for(_kv_budget(config, device))
-    max_model_len = min(config.max_model_len or model_config.max_position_embeddings, num_blocks * config.block_size)
+    max_model_len = min(config.max_model_len or model_config.max_position_embeddings, num_blocks * config.kv_block_size)
     model = LlamaModel(model_config, state, pools, max_positions=max_model_len, backend=config.kernel_backend)
-    kv = PagedKVCache(model_config.num_layers, num_blocks, config.block_size, model_config.num_kv_heads,
+    kv = PagedKVCache(model_config.num_layers, num_blocks, config.kv_block_size, model_config.num_kv_heads,
                       model_config.head_dim, dtype, device)
-    blocks = BlockManager(num_blocks, config.block_size)
-    adapters = AdapterCache(pools, spec, source, max_rank=config.max_rank, max_bytes=config.max_adapter_bytes,
-                            host_cache_bytes=config.host_cache_bytes, num_loaders=config.num_adapter_loaders,
-                            dtype=dtype)
+    blocks = BlockManager(num_blocks, config.kv_block_size)
+    loader = AdapterLoader(spec, pools.target_modules, max_rank=config.max_rank, max_bytes=config.max_adapter_bytes,
+                           dtype=dtype, pin_memory=device.type == "cuda")
+    adapters = AdapterCache(pools, loader, source, host_cache_max_bytes=config.host_cache_max_bytes,
+                            num_loaders=config.num_adapter_loaders, resync_interval_s=config.adapter_resync_s)
     scheduler = Scheduler(blocks, adapters, max_num_seqs=config.max_num_seqs,
                           max_batched_tokens=config.max_batched_tokens)
     return EngineParts(model_config, tokenizer, max_model_len, scheduler, ModelRunner(model, kv, pools),

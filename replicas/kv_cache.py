@@ -51,10 +51,6 @@ class BlockManager:
     def num_used_blocks(self) -> int:
         return self.num_blocks - len(self._free)
 
-    @property
-    def capacity_tokens(self) -> int:
-        return self.num_blocks * self.block_size
-
     def num_blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
         """Extra blocks for the KV of tokens [num_computed, num_computed + num_new_tokens)."""
         total = seq.num_computed_tokens + num_new_tokens

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lorafleet.kernels import Backend
+from lorafleet.kernels import KernelBackend
 from lorafleet.replicas.adapter_batch import AdapterBatch
 from lorafleet.replicas.adapter_linear import AdapterLinear
 from lorafleet.replicas.adapter_pool import MODULE_NAMES, AdapterPools, module_index
@@ -23,7 +23,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 class DecoderLayer:
     def __init__(self, config: ModelConfig, layer: int, state: dict[str, torch.Tensor], pools: AdapterPools,
-                 backend: Backend | None) -> None:
+                 backend: KernelBackend | None) -> None:
         p = f"model.layers.{layer}"
         self.config = config
         self.layer = layer
@@ -57,7 +57,7 @@ class LlamaModel:
     """Weights as plain tensors; every target linear reads its adapter rows from `pools`."""
 
     def __init__(self, config: ModelConfig, state: dict[str, torch.Tensor], pools: AdapterPools,
-                 max_positions: int, backend: Backend | None = None) -> None:
+                 max_positions: int, backend: KernelBackend | None = None) -> None:
         self.config = config
         self.embed = state["model.embed_tokens.weight"]
         self.norm = state["model.norm.weight"]

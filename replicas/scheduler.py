@@ -57,10 +57,6 @@ class SchedulerOutput:
     def num_batched_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.scheduled)
 
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
-
 
 def _order(seq: Sequence) -> int:
     return seq.arrival_order
@@ -121,15 +117,18 @@ class Scheduler:
         for seq in list(self.waiting):
             if len(self.running) >= self.max_num_seqs or budget == 0:
                 break
+            is_acquired_now = False
             if seq.adapter_id is not None and seq.adapter_slot is None:
                 if self.adapters.adapter_status(seq.adapter_id) != "ready":
                     continue    # still loading: wait without blocking the requests behind
                 seq.adapter_slot = self.adapters.try_acquire(seq.adapter_id)
                 if seq.adapter_slot is None:
                     break       # every adapter slot is pinned by running requests
+                is_acquired_now = True
             num_new = min(seq.num_uncomputed_tokens, budget)
             if not self.blocks.can_allocate(seq, num_new):
-                self._release_adapter(seq)
+                if is_acquired_now:
+                    self._release_adapter(seq)
                 break
             self.blocks.allocate(seq, num_new)
             self.waiting.remove(seq)
@@ -164,10 +163,10 @@ class Scheduler:
                 out.failed.append(seq)
 
     def _preempt(self, seq: Sequence) -> None:
-        """Preemption by recompute: drop the KV, keep the tokens; the sequence re-prefills later."""
+        """Preemption by recompute: drop the KV, keep the tokens; the sequence re-prefills later. It keeps its
+        adapter pin, so it resumes on the same adapter version even if a newer one arrived meanwhile."""
         self.running.remove(seq)
         self.blocks.free(seq)
-        self._release_adapter(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING

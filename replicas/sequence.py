@@ -55,10 +55,6 @@ class Sequence:
         self.num_emitted_chars = 0
 
     @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
-    @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
 
@@ -69,10 +65,6 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED
 
     def token_ids(self, start: int = 0, stop: int | None = None) -> list[int]:
         """Tokens [start:stop] of prompt + output without building the whole list when avoidable."""

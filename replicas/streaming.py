@@ -6,17 +6,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from collections.abc import Sequence as Seq
+from typing import Protocol
 
 from lorafleet.replicas.outputs import RequestOutput
 from lorafleet.replicas.sampling_params import SamplingParams
 
-if TYPE_CHECKING:
-    from lorafleet.replicas.engine import Engine, Prompt
+Prompt = str | Seq[int]
+
+
+class SteppedEngine(Protocol):
+    """What streaming needs of the engine: queue and abort requests, and step them (Engine implements it)."""
+
+    def new_request_id(self) -> str: ...
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None, adapter_id: str | None,
+                    request_id: str | None) -> str: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def has_unfinished(self) -> bool: ...
+
+    def step(self) -> list[RequestOutput]: ...
 
 
 class StreamHub:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: SteppedEngine) -> None:
         self.engine = engine
         self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._driver: asyncio.Task | None = None

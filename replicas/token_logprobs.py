@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
+from lorafleet.infra.replica_api import TokenLogprob
 from lorafleet.replicas.outputs import RequestOutput
 from lorafleet.replicas.sampling_params import SamplingParams
 from lorafleet.replicas.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -14,7 +15,7 @@ MIN_LOGPROB = -9999.0
 
 class TokenLogprobs:
     """Turns the engine's logprobs ({token_id: logprob} of the sampled token and the top k, one per output token)
-    into [{"token", "token_id", "logprob", "top": [[token, logprob], ...]}] for the new tokens of each output.
+    into TokenLogprob entries (token text, id, logprob, top-k (text, logprob)) for the new tokens of each output.
 
     The sampled tokens' strings come from an incremental detokenizer fed exactly as the engine feeds its own
     (EOS and stop tokens flush instead of adding; the last token flushes), so they join to the engine's text
@@ -30,7 +31,7 @@ class TokenLogprobs:
         self.ends = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
         self.detok: IncrementalDetokenizer | None = None
 
-    def new_entries(self, out: RequestOutput) -> list[dict] | None:
+    def new_entries(self, out: RequestOutput) -> tuple[TokenLogprob, ...] | None:
         """Entries of out.new_token_ids; None when the request asked for no logprobs."""
         if out.logprobs is None or self.params.logprobs is None:
             return None
@@ -45,11 +46,9 @@ class TokenLogprobs:
             token = self.detok.flush() if token_id in self.ends else self.detok.add(token_id)
             if out.finished and i == len(out.new_token_ids) - 1:
                 token += self.detok.flush()
-            entries.append({
-                "token": token, "token_id": token_id, "logprob": _clamp(logprobs[token_id]),
-                "top": [[alternatives.get(t, token), _clamp(lp)] for t, lp in top],
-            })
-        return entries
+            entries.append(TokenLogprob(token, token_id, _clamp(logprobs[token_id]),
+                                        tuple((alternatives.get(t, token), _clamp(lp)) for t, lp in top)))
+        return tuple(entries)
 
     def _alternative(self, token_id: int) -> str:
         """The text `token_id` would add here, were it sampled instead (U+FFFD for an incomplete character)."""

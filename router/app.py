@@ -1,11 +1,10 @@
-"""The HTTP ingress (FastAPI on Ray Serve) and the placement controller deployment."""
+"""The HTTP ingress (FastAPI on Ray Serve); the placement controller it calls is placement/controller.py."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -24,9 +23,10 @@ from lorafleet.infra.errors import (
     ReplicaUnavailable,
     StoreUnavailable,
 )
+from lorafleet.infra.replica_api import GenerateRequest, StreamItem
 from lorafleet.router.auth import AuthMiddleware, Tenant, api_keys_from_settings, tenant_of
 from lorafleet.router.core import RouterConfig, RouterCore
-from lorafleet.router.errors import install_error_handlers
+from lorafleet.router.http_errors import install_error_handlers
 from lorafleet.router.limits import BodySizeLimit
 from lorafleet.router.metrics import RequestCounter
 from lorafleet.router.schemas import ChatCompletionRequest, CompletionRequest, ModelList
@@ -183,14 +183,14 @@ def _redis_ok(store: Any) -> bool:
 
 
 class ServeBackend:
-    """Backend over the replica deployment's handle: multiplexed_model_id carries the adapter id to the
+    """ReplicaBackend over the replica deployment's handle: multiplexed_model_id carries the adapter id to the
     RequestRouter, which picks the replica from the routing table."""
 
     def __init__(self, handle: Any) -> None:
         self.handle = handle
 
-    async def stream(self, request: dict, adapter_id: str | None) -> AsyncIterator[dict]:
-        handle = self.handle.options(stream=True, multiplexed_model_id=adapter_id or "")
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[StreamItem]:
+        handle = self.handle.options(stream=True, multiplexed_model_id=request.adapter_id or "")
         responses = None
         try:
             responses = handle.stream.remote(request)   # may refuse at once (BackPressureError): inside the try
@@ -249,45 +249,3 @@ class RouterDeployment:
         store = AdapterStore.from_settings(cfg, base=cfg.model_dir)
         install_core(RouterCore(ServeBackend(replica_handle), router_config(cfg), store, controller=controller,
                                 auth=api_keys_from_settings(cfg)))
-
-
-@serve.deployment(name="placement", num_replicas=1, ray_actor_options={"num_cpus": 0})
-class PlacementController:
-    """Rebalances every `rebalance_period_s`: demand counters → solver → routing table in Redis (routers
-    re-read it within a second). `lorafleet rebalance` publishes through the same Redis key at any time."""
-
-    def __init__(self, settings: dict | None = None, num_replicas: int | None = None) -> None:
-        from lorafleet.infra.config import load_settings
-        from lorafleet.infra.demand import redis_client
-        from lorafleet.infra.store import AdapterStore
-        from lorafleet.placement.liveness import ReplicaLiveness
-        from lorafleet.placement.operating_points import OperatingPoints
-        from lorafleet.placement.rebalancer import Rebalancer, store_adapter_info
-
-        cfg = load_settings(**(settings or {}))
-        client = redis_client(cfg.redis_url)
-        self.num_replicas = num_replicas or cfg.num_replicas
-        self.period_s = cfg.rebalance_period_s
-        store = AdapterStore.from_settings(cfg, base=cfg.model_dir)   # its reads rebuild a registry Redis lost
-        self.liveness = ReplicaLiveness(client, cfg.redis_prefix)
-        self.rebalancer = Rebalancer(client, cfg.redis_prefix, OperatingPoints.default(), cfg.rebalance_period_s,
-                                     cfg.max_rank, store_adapter_info(store))
-        self.last_report: dict | None = None
-        self._stop = threading.Event()
-        threading.Thread(target=self._loop, daemon=True, name="lorafleet-rebalance").start()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.period_s):
-            self.rebalance()
-
-    def rebalance(self) -> dict | None:
-        """One period now; returns the last successful report."""
-        try:
-            live = self.liveness.live_ranks(self.num_replicas)   # a replica that died and stayed dead: left out
-            self.last_report, _ = self.rebalancer.run(self.num_replicas, live_ranks=live)
-        except Exception as exc:  # Redis down or nothing to place: keep the current table, retry next period
-            logger.warning("rebalance skipped: %s", exc)
-        return self.last_report
-
-    def __del__(self) -> None:
-        self._stop.set()

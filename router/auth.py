@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorafleet.infra.errors import LoRAFleetError
-from lorafleet.router.errors import error_response
+from lorafleet.router.http_errors import error_response
 from lorafleet.router.key_store import ApiKeyStore, parse_keys
 
 logger = logging.getLogger("lorafleet.router")

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from lorafleet.infra.adapter_ids import is_valid_adapter_id
-from lorafleet.infra.errors import AdapterNotFound, LoRAFleetError, Overloaded, StoreUnavailable
+from lorafleet.infra.errors import AdapterNotFound, InvalidRequest, LoRAFleetError, StoreUnavailable
+from lorafleet.infra.replica_api import ChatTurn, GenerateRequest, StreamChunk, StreamError, StreamItem, TokenLogprob
 from lorafleet.router.auth import OPEN, ApiKeys, Tenant
 from lorafleet.router.limits import InflightLimiter, RequestTimeout
 from lorafleet.router.metrics import RouterMetrics
@@ -42,29 +43,21 @@ KNOWN_TTL_S = 1.0        # an adapter the registry just confirmed is not asked a
 KNOWN_MAX = 100_000
 
 
-class Backend(Protocol):
-    """Sends one request dict to a replica; yields its stream items (see ReplicaServer.generate)."""
+class ReplicaBackend(Protocol):
+    """Sends one GenerateRequest to a replica; yields its StreamItems (see ReplicaServer.generate)."""
 
-    def stream(self, request: dict, adapter_id: str | None) -> AsyncIterator[dict]: ...
+    def stream(self, request: GenerateRequest) -> AsyncIterator[StreamItem]: ...
 
 
 class InProcessBackend:
-    """Backend over a ReplicaServer in this process (no Ray handle): benchmarks, tests, single-process use."""
+    """ReplicaBackend over a ReplicaServer in this process (no Ray handle): benchmarks, tests, single process."""
 
     def __init__(self, replica: Any) -> None:
         self.replica = replica
 
-    async def stream(self, request: dict, adapter_id: str | None) -> AsyncIterator[dict]:
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[StreamItem]:
         async for item in self.replica.generate(request):
             yield item
-
-
-class ReplicaError(LoRAFleetError):
-    """An error the replica reported for one request, with the HTTP status it chose."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.http_status, self.code = status, code
 
 
 @dataclass(slots=True)
@@ -88,7 +81,7 @@ class RouterConfig:
 
 
 class RouterCore:
-    def __init__(self, backend: Backend, config: RouterConfig, store: Any | None = None,
+    def __init__(self, backend: ReplicaBackend, config: RouterConfig, store: Any | None = None,
                  metrics: RouterMetrics | None = None, controller: Any | None = None,
                  auth: ApiKeys | None = None) -> None:
         self.backend = backend
@@ -160,31 +153,28 @@ class RouterCore:
         return ModelList(data=cards)
 
     # -- generation -------------------------------------------------------------------------------
-    def _replica_request(self, req: CompletionRequest | ChatCompletionRequest, adapter_id: str | None) -> dict:
+    def _replica_request(self, req: CompletionRequest | ChatCompletionRequest, adapter_id: str | None
+                         ) -> GenerateRequest:
         max_tokens = req.max_tokens or getattr(req, "max_completion_tokens", None) or self.config.default_max_tokens
         cfg = self.config
         if max_tokens > cfg.max_tokens_limit:
-            raise ReplicaError(400, "invalid_value", f"max_tokens: at most {cfg.max_tokens_limit} (max_tokens_limit)")
+            raise InvalidRequest(f"max_tokens: at most {cfg.max_tokens_limit} (max_tokens_limit)")
         if len(req.stop or []) > cfg.max_stop_strings:
-            raise ReplicaError(400, "invalid_value", f"stop: at most {cfg.max_stop_strings} stop strings "
-                                                     "(max_stop_strings)")
+            raise InvalidRequest(f"stop: at most {cfg.max_stop_strings} stop strings (max_stop_strings)")
         num_chars = (sum(len(m.content) for m in req.messages) if isinstance(req, ChatCompletionRequest)
                      else len(req.prompt) if isinstance(req.prompt, str) else 0)
         if num_chars > cfg.max_prompt_chars:
-            raise ReplicaError(400, "invalid_value", f"prompt has {num_chars} characters; at most "
-                                                     f"{cfg.max_prompt_chars} (max_prompt_chars)")
-        request = {
-            "adapter_id": adapter_id, "max_tokens": max_tokens, "temperature": req.temperature,
-            "top_p": req.top_p, "seed": req.seed, "stop": req.stop, "request_id": new_id("req"),
-            "logprobs": req.num_logprobs,
-        }
-        if isinstance(req, ChatCompletionRequest):
-            request["messages"] = [m.model_dump() for m in req.messages]
-        else:
-            request["prompt"] = req.prompt
-        return request
+            raise InvalidRequest(f"prompt has {num_chars} characters; at most {cfg.max_prompt_chars} "
+                                 "(max_prompt_chars)")
+        is_chat = isinstance(req, ChatCompletionRequest)
+        return GenerateRequest(
+            request_id=new_id("req"), adapter_id=adapter_id, max_tokens=max_tokens, temperature=req.temperature,
+            top_p=req.top_p, seed=req.seed, stop=tuple(req.stop or ()), logprobs=req.num_logprobs,
+            messages=tuple(ChatTurn(m.role, m.content) for m in req.messages) if is_chat else None,
+            prompt=None if is_chat else (req.prompt if isinstance(req.prompt, str) else tuple(req.prompt)),
+        )
 
-    async def _items(self, request: dict, adapter_id: str | None) -> AsyncGenerator[dict, None]:
+    async def _items(self, request: GenerateRequest) -> AsyncGenerator[StreamChunk, None]:
         """Replica stream items with errors raised and metrics recorded. Holds one in-flight slot (Overloaded
         when none is free) until the stream ends; past request_timeout_s the replica stream is closed, which
         aborts the generation there, and RequestTimeout is raised."""
@@ -192,10 +182,9 @@ class RouterCore:
         start = time.monotonic()
         deadline = start + self.config.request_timeout_s
         first = last = None
-        num_tokens = 0
-        item: dict = {}
+        num_tokens = num_prompt_tokens = 0
         self.metrics.inflight.inc()
-        stream = aiter(self.backend.stream(request, adapter_id))
+        stream = aiter(self.backend.stream(request))
         try:
             while True:
                 try:
@@ -205,20 +194,15 @@ class RouterCore:
                 except TimeoutError:
                     raise RequestTimeout(f"no answer within {self.config.request_timeout_s}s "
                                          "(request_timeout_s); the generation was aborted") from None
-                if "error" in item:
-                    err = item["error"]
-                    if int(err["status"]) == Overloaded.http_status:   # a full replica: 429 with Retry-After
-                        raise Overloaded(err["message"])
-                    raise ReplicaError(int(err["status"]), err["code"], err["message"])
+                if isinstance(item, StreamError):   # the same error type as on the replica (by code)
+                    raise item.to_exception()
                 now = time.monotonic()
                 if first is None:
                     first = now
-                    self.metrics.ttft.labels(item.get("adapter_state", "cold")).observe(now - start)
-                    self.metrics.observe_replica(item)
-                    replica = str(item.get("replica_rank"))
-                    self.metrics.cache_hits.labels(replica, item.get("adapter_state", "cold")).inc()
+                    if item.served_by is not None:
+                        self.metrics.observe_first(item.served_by, now - start)
                 last = now
-                num_tokens = item.get("completion_tokens", num_tokens)
+                num_tokens, num_prompt_tokens = item.completion_tokens, item.prompt_tokens
                 yield item
         finally:
             # The client left, timed out or failed: close the replica stream now (not at garbage collection), so
@@ -229,8 +213,8 @@ class RouterCore:
         self.metrics.e2e.observe(time.monotonic() - start)
         if first is not None and last is not None and num_tokens > 1:
             self.metrics.tpot.observe((last - first) / (num_tokens - 1))
-        label = adapter_id or self.config.base_model_name
-        self.metrics.tokens.labels(label, "prompt").inc(item.get("prompt_tokens", 0))
+        label = request.adapter_id or self.config.base_model_name
+        self.metrics.tokens.labels(label, "prompt").inc(num_prompt_tokens)
         self.metrics.tokens.labels(label, "completion").inc(num_tokens)
 
     async def complete(self, req: CompletionRequest | ChatCompletionRequest, tenant: Tenant = OPEN
@@ -239,14 +223,15 @@ class RouterCore:
         adapter_id = await self._resolve(req.model, tenant)
         request = self._replica_request(req, adapter_id)
         text, finish, usage = [], None, Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
-        replica, entries = None, list[dict]()
-        async with aclosing(self._items(request, adapter_id)) as items:   # release the slot on any exit
+        replica, entries = None, list[TokenLogprob]()
+        async with aclosing(self._items(request)) as items:   # release the slot on any exit
             async for item in items:
-                text.append(item["text"])
-                entries += item.get("logprobs") or []
-                finish = item.get("finish_reason") or finish
+                text.append(item.text)
+                entries += item.logprobs or ()
+                finish = item.finish_reason or finish
                 usage = _usage(item)
-                replica = item.get("replica_rank", replica)
+                if item.served_by is not None:
+                    replica = item.served_by.replica_rank
         if isinstance(req, ChatCompletionRequest):
             message = ChatChoiceMessage(content="".join(text))
             chat_logprobs = None if req.num_logprobs is None else ChatLogprobs.from_entries(entries)
@@ -263,7 +248,7 @@ class RouterCore:
         """Resolve and start the request (errors raise here, before any HTTP status is sent), then SSE lines.
         Closing the returned iterator closes the replica stream (the generation is aborted)."""
         adapter_id = await self._resolve(req.model, tenant)
-        items = self._items(self._replica_request(req, adapter_id), adapter_id)
+        items = self._items(self._replica_request(req, adapter_id))
         try:
             first = await items.__anext__()
         except StopAsyncIteration:
@@ -273,32 +258,32 @@ class RouterCore:
             raise
         return self._sse(req, first, items)
 
-    async def _sse(self, req: CompletionRequest | ChatCompletionRequest, first: dict | None,
-                   items: AsyncGenerator[dict, None]) -> AsyncIterator[str]:
+    async def _sse(self, req: CompletionRequest | ChatCompletionRequest, first: StreamChunk | None,
+                   items: AsyncGenerator[StreamChunk, None]) -> AsyncIterator[str]:
         is_chat = isinstance(req, ChatCompletionRequest)
         stream_id, created = new_id("chatcmpl" if is_chat else "cmpl"), int(time.time())
         text_offset = 0   # completions: where the next chunk's first token starts in the whole text
 
-        def chunk(item: dict) -> str:
+        def chunk(item: StreamChunk) -> str:
             nonlocal text_offset
-            finish = item.get("finish_reason")
-            entries = item.get("logprobs") or []
+            finish = item.finish_reason
+            entries = item.logprobs or ()
             logprobs = None
             if is_chat:
                 if req.num_logprobs is not None:
                     logprobs = ChatLogprobs.from_entries(entries).model_dump()
-                choice = {"index": 0, "delta": {"role": "assistant", "content": item["text"]},
+                choice = {"index": 0, "delta": {"role": "assistant", "content": item.text},
                           "logprobs": logprobs, "finish_reason": finish}
                 body = {"id": stream_id, "object": "chat.completion.chunk", "created": created,
                         "model": req.model, "choices": [choice]}
             else:
                 if req.num_logprobs is not None:
                     logprobs = CompletionLogprobs.from_entries(entries, text_offset).model_dump()
-                    text_offset += sum(len(e["token"]) for e in entries)
-                choice = {"index": 0, "text": item["text"], "finish_reason": finish, "logprobs": logprobs}
+                    text_offset += sum(len(e.token) for e in entries)
+                choice = {"index": 0, "text": item.text, "finish_reason": finish, "logprobs": logprobs}
                 body = {"id": stream_id, "object": "text_completion", "created": created, "model": req.model,
                         "choices": [choice]}
-            if item.get("finished"):
+            if item.finished:
                 body["usage"] = _usage(item).model_dump()
             return f"data: {json.dumps(body)}\n\n"
 
@@ -315,12 +300,12 @@ class RouterCore:
         yield "data: [DONE]\n\n"
 
 
-async def _close(stream: AsyncIterator[dict]) -> None:
+async def _close(stream: AsyncIterator[StreamItem]) -> None:
     aclose = getattr(stream, "aclose", None)
     if aclose is not None:
         await aclose()
 
 
-def _usage(item: dict) -> Usage:
-    prompt, completion = int(item.get("prompt_tokens", 0)), int(item.get("completion_tokens", 0))
+def _usage(item: StreamChunk) -> Usage:
+    prompt, completion = item.prompt_tokens, item.completion_tokens
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)

@@ -8,7 +8,7 @@ from typing import Any
 from starlette.exceptions import HTTPException
 
 from lorafleet.infra.errors import LoRAFleetError, Overloaded
-from lorafleet.router.errors import error_response
+from lorafleet.router.http_errors import error_response
 
 
 class RequestTimeout(LoRAFleetError):

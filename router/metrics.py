@@ -8,6 +8,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from lorafleet.infra.replica_api import ServedBy
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -38,14 +40,14 @@ class RouterMetrics:
         self.queue = Gauge("lorafleet_replica_queue", "Waiting + running sequences per replica (last seen).",
                            ["replica"], registry=r)
 
-    def observe_replica(self, info: dict) -> None:
-        """Residency and queue facts a replica attaches to its first streamed item."""
-        replica = str(info.get("replica_rank"))
-        for tier in ("device", "host"):
-            if f"num_{tier}" in info:
-                self.residency.labels(replica, tier).set(info[f"num_{tier}"])
-        if "queue_len" in info:
-            self.queue.labels(replica).set(info["queue_len"])
+    def observe_first(self, served_by: ServedBy, ttft_s: float) -> None:
+        """TTFT at the router, and the residency and queue facts a replica attaches to a stream's first chunk."""
+        replica = str(served_by.replica_rank)
+        self.ttft.labels(served_by.adapter_state).observe(ttft_s)
+        self.cache_hits.labels(replica, served_by.adapter_state).inc()
+        self.residency.labels(replica, "device").set(served_by.num_device_adapters)
+        self.residency.labels(replica, "host").set(served_by.num_host_adapters)
+        self.queue.labels(replica).set(served_by.queue_len)
 
 
 # Endpoint label of a /v1/ path: its first two segments (the adapter id in /v1/adapters/{id} is not a label).

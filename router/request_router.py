@@ -10,6 +10,7 @@ from typing import Any
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
+from lorafleet.infra.replica_api import RoutingStats
 from lorafleet.placement.routing_table import RoutingTable
 from lorafleet.router.routing_policy import POLICIES, ReplicaView
 
@@ -17,7 +18,8 @@ logger = logging.getLogger("lorafleet.router")
 
 
 class TableCache:
-    """The newest published RoutingTable, re-read from Redis at most every `refresh_s` on a worker thread.
+    """The newest published RoutingTable, re-read from Redis every `refresh_s` by a poller thread (started by the
+    first get()), so even the first request after a quiet spell routes by a table at most refresh_s old.
 
     Routing never waits on Redis: while it is down the last good table keeps serving (None before any).
     """
@@ -28,13 +30,29 @@ class TableCache:
         self._checked = float("-inf")
         self._lock = threading.Lock()
         self._store: Any = None
+        self._poller: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._is_failing = False
 
     def get(self) -> RoutingTable | None:
-        now = time.monotonic()
-        if self.redis_url and now - self._checked >= self.refresh_s and self._lock.acquire(blocking=False):
-            self._checked = now
-            threading.Thread(target=self._refresh, daemon=True, name="lorafleet-table-refresh").start()
+        if self.redis_url and self._poller is None:
+            self._poller = threading.Thread(target=self._poll, daemon=True, name="lorafleet-table-refresh")
+            self._poller.start()
         return self._table
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            due = self._checked + self.refresh_s - time.monotonic()
+            if due > 0:   # refresh_now() ran meanwhile
+                self._stop.wait(due)
+                continue
+            if self._lock.acquire(blocking=False):
+                self._checked = time.monotonic()
+                self._refresh()
+            self._stop.wait(max(self.refresh_s, 0.001))
 
     def refresh_now(self) -> RoutingTable | None:
         """Re-read the table on this thread (after a rebalance); waits for a refresh already running."""
@@ -46,28 +64,26 @@ class TableCache:
     def _refresh(self) -> None:
         try:
             if self._store is None:
-                from lorafleet.infra.demand import redis_client
+                from lorafleet.infra.redis_conn import connect
                 from lorafleet.placement.table_store import RoutingTableStore
 
-                self._store = RoutingTableStore(redis_client(self.redis_url, timeout_s=1.0), self.prefix)
+                self._store = RoutingTableStore(connect(self.redis_url, timeout_s=1.0), self.prefix)
             current = self._table.version if self._table is not None else -1
             if self._store.version() != current:
                 self._table = self._store.load() or self._table
+            self._is_failing = False
         except Exception as exc:  # Redis down or a bad table: keep the last good one, try again later
-            logger.warning("routing table not refreshed: %s", exc)
+            if not self._is_failing:   # once per outage, not every refresh_s
+                logger.warning("routing table not refreshed: %s", exc)
+            self._is_failing = True
         finally:
             self._lock.release()
 
 
 def replica_view(replica: RunningReplica) -> ReplicaView:
-    stats = replica.routing_stats or {}
-    rank = stats.get("rank")
-    return ReplicaView(
-        rank=rank if isinstance(rank, int) else None,
-        queue_len=int(stats.get("queue_len", 0)),
-        resident=frozenset(stats.get("resident_adapters", ())),
-        replica=replica,
-    )
+    stats = RoutingStats.from_dict(replica.routing_stats)   # {} until the replica's first report
+    return ReplicaView(rank=stats.rank, queue_len=stats.queue_len, resident=frozenset(stats.resident_adapters),
+                       replica=replica)
 
 
 class ViewCache:

@@ -1,5 +1,6 @@
 """Replica choice policies (pure, no Ray): rank-aware table sampling, random, adapter affinity.
 
+The names and the target-rank logic are the simulator's too (lorafleet.placement.policies, RoutingTable.sample).
 A policy turns (adapter id, live replicas, routing table) into tiers of replicas, most preferred first;
 Ray Serve sends the request to the least-queued replica with room in the first tier that has one. The
 fallback tiers are the same for every policy: replicas already holding the adapter (least queued first),
@@ -14,7 +15,8 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any
 
-from lorafleet.placement.routing_table import RoutingTable, jump_hash, stable_hash64
+from lorafleet.placement.policies import affinity_rank, random_rank
+from lorafleet.placement.routing_table import RoutingTable
 
 Tiers = list[list["ReplicaView"]]
 
@@ -75,8 +77,8 @@ class RankAwarePolicy(RoutingPolicy):
     name = "rank-aware"
 
     def target(self, adapter_id, replicas, table, rng):
-        if table is None:
-            return AffinityPolicy().target(adapter_id, replicas, table, rng)
+        if table is None:   # none published yet: the affinity choice
+            return affinity_rank(adapter_id, _live_ranks(replicas))
         return table.sample(adapter_id, rng)
 
 
@@ -86,8 +88,7 @@ class RandomPolicy(RoutingPolicy):
     name = "random"
 
     def target(self, adapter_id, replicas, table, rng):
-        ranks = _live_ranks(replicas)
-        return rng.choice(ranks) if ranks else None
+        return random_rank(_live_ranks(replicas), rng)
 
 
 class AffinityPolicy(RoutingPolicy):
@@ -96,8 +97,7 @@ class AffinityPolicy(RoutingPolicy):
     name = "affinity"
 
     def target(self, adapter_id, replicas, table, rng):
-        ranks = _live_ranks(replicas)
-        return ranks[jump_hash(stable_hash64(adapter_id), len(ranks))] if ranks else None
+        return affinity_rank(adapter_id, _live_ranks(replicas))
 
 
 POLICIES: dict[str, type[RoutingPolicy]] = {p.name: p for p in (RankAwarePolicy, RandomPolicy, AffinityPolicy)}

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from lorafleet.infra.replica_api import TokenLogprob
 
 MAX_STOP_STRINGS = 64  # hard ceiling at parse time; the configured limit (max_stop_strings) is checked later
 MAX_LOGPROBS = 20  # top tokens per position, as vLLM's default max_logprobs and OpenAI's top_logprobs cap
@@ -113,9 +116,9 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
     @classmethod
-    def from_entries(cls, entries: list[dict], offset: int = 0) -> CompletionLogprobs:
-        """From the replica's TokenLogprobs entries; `offset`: where the first token starts in the text."""
-        tokens = [e["token"] for e in entries]
+    def from_entries(cls, entries: Sequence[TokenLogprob], offset: int = 0) -> CompletionLogprobs:
+        """From the replica's TokenLogprob entries; `offset`: where the first token starts in the text."""
+        tokens = [e.token for e in entries]
         offsets = []
         for token in tokens:
             offsets.append(offset)
@@ -123,12 +126,12 @@ class CompletionLogprobs(BaseModel):
         top = []
         for e in entries:
             # Two ids may decode alike: the sampled token keeps its own entry, else the likelier one stays.
-            pairs = [(e["token"], e["logprob"]), *((t, lp) for t, lp in e["top"] if t != e["token"])]
+            pairs = [(e.token, e.logprob), *((t, lp) for t, lp in e.top if t != e.token)]
             ranked: dict[str, float] = {}
             for token, logprob in sorted(pairs, key=lambda pair: pair[1], reverse=True):
                 ranked.setdefault(token, logprob)
             top.append(ranked)
-        return cls(tokens=tokens, token_logprobs=[e["logprob"] for e in entries], top_logprobs=top,
+        return cls(tokens=tokens, token_logprobs=[e.logprob for e in entries], top_logprobs=top,
                    text_offset=offsets)
 
 
@@ -167,13 +170,13 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None
 
     @classmethod
-    def from_entries(cls, entries: list[dict]) -> ChatLogprobs:
-        """From the replica's TokenLogprobs entries."""
+    def from_entries(cls, entries: Sequence[TokenLogprob]) -> ChatLogprobs:
+        """From the replica's TokenLogprob entries."""
         def top(token: str, logprob: float) -> TopLogprob:
             return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode()))
 
-        return cls(content=[ChatTokenLogprob(**top(e["token"], e["logprob"]).model_dump(),
-                                             top_logprobs=[top(t, lp) for t, lp in e["top"]]) for e in entries])
+        return cls(content=[ChatTokenLogprob(**top(e.token, e.logprob).model_dump(),
+                                             top_logprobs=[top(t, lp) for t, lp in e.top]) for e in entries])
 
 
 class ChatChoice(BaseModel):
@@ -204,16 +207,3 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-class ErrorBody(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
-
-    error: ErrorBody

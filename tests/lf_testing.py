@@ -35,8 +35,10 @@ def make_adapters(root, model_dir, specs: dict) -> dict:
 def store_less_replica(model_dir, adapter_dirs: dict, engine_kwargs: dict):
     """A ReplicaServer without the adapter store, with `adapter_dirs` loaded into its engine."""
     from lorafleet.replicas.deployment import ReplicaServer
+    from lorafleet.replicas.engine import Engine
 
-    server = ReplicaServer(str(model_dir), engine_kwargs=engine_kwargs, use_store=False)
+    engine = Engine.from_pretrained(str(model_dir), **engine_kwargs)
+    server = ReplicaServer(engine, owned=(engine,))
     for name, path in adapter_dirs.items():
         server.engine.load_adapter(name, path)
     return server
@@ -125,7 +127,9 @@ class Blackhole:
 
 class FreezableProxy:
     """A TCP proxy to host:port that can freeze: while frozen, bytes stop flowing both ways on every connection
-    (old and new), like a network partition to a hung server; thaw() lets them flow again. `url` is redis://."""
+    (old and new), like a network partition to a hung server; thaw() lets them flow again. cut() closes every
+    connection and refuses new ones (a dropped link: clients see errors at once) until restore(). `url` is
+    redis://."""
 
     def __init__(self, port: int, host: str = "127.0.0.1") -> None:
         import threading
@@ -138,6 +142,8 @@ class FreezableProxy:
         self.url = f"redis://127.0.0.1:{self.sock.getsockname()[1]}/0"
         self.flowing = threading.Event()
         self.flowing.set()
+        self.is_cut = False
+        self._conns: list[socket.socket] = []
         self._stop = threading.Event()
         threading.Thread(target=self._accept, daemon=True, name="proxy-accept").start()
 
@@ -146,6 +152,15 @@ class FreezableProxy:
 
     def thaw(self) -> None:
         self.flowing.set()
+
+    def cut(self) -> None:
+        self.is_cut = True
+        for conn in list(self._conns):
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+    def restore(self) -> None:
+        self.is_cut = False
 
     def close(self) -> None:
         self._stop.set()
@@ -161,11 +176,15 @@ class FreezableProxy:
                 client, _ = self.sock.accept()
             except OSError:
                 continue
+            if self.is_cut:
+                client.close()
+                continue
             try:
                 server = socket.create_connection(self.upstream, timeout=2)
             except OSError:
                 client.close()   # upstream down: refused, as Redis itself would be
                 continue
+            self._conns = [c for c in self._conns if c.fileno() >= 0] + [client, server]
             for src, dst in ((client, server), (server, client)):
                 threading.Thread(target=self._pump, args=(src, dst), daemon=True, name="proxy-pump").start()
 
@@ -182,7 +201,7 @@ class FreezableProxy:
                 if not data:
                     break
                 dst.sendall(data)
-        except OSError:
+        except (OSError, ValueError):   # ValueError: the other pump closed this socket (fileno -1)
             pass
         finally:
             for s in (src, dst):
@@ -214,3 +233,20 @@ def shuffled_ranks() -> list[int]:
     ranks = list(KERNEL_RANK_MIX)
     random.shuffle(ranks)
     return ranks
+
+
+def seed_demand(client, prefix: str, num_adapters: int, num_periods: int):
+    """Adapters ad-0.. of alternating ranks 8 / 64 with Zipf-like demand counted over the last periods (30 s);
+    returns the prefix's RoutingTableStore."""
+    import time
+
+    from lorafleet.infra.demand import DemandCounters
+    from lorafleet.placement import RoutingTableStore
+
+    counters, tables = DemandCounters(client, prefix), RoutingTableStore(client, prefix)
+    now = time.time()
+    for i in range(num_adapters):
+        tables.put_adapter_info(f"ad-{i}", (8, 64)[i % 2], 0)
+        for k in range(num_periods):
+            counters.record(f"ad-{i}", 40_000 // (i + 1), 10, now=now - 30 * k)
+    return tables

@@ -537,7 +537,7 @@ def test_routes_around_a_dead_replica_and_rebalance_repairs_the_table(served, of
         _assert_correct(response, offline_answers, pinned, PROMPTS[i % len(PROMPTS)])
         ranks.append(response.headers[REPLICA_HEADER])
     _wait_both_replicas(url)
-    from lorafleet.placement.liveness import ReplicaLiveness
+    from lorafleet.infra.heartbeats import ReplicaLiveness
 
     liveness = ReplicaLiveness(tables.redis, settings.redis_prefix)
     wait_until(lambda: liveness.live_ranks(2) is None, 15.0, "no rank known dead (both beat again)", period_s=0.2)

@@ -27,7 +27,7 @@ from lorafleet.cluster.serving import serve_app
 from lorafleet.infra.config import load_settings
 from lorafleet.infra.demand import DemandCounters
 from lorafleet.infra.store import AdapterStore
-from lorafleet.placement.routing_table import RoutingTable
+from lorafleet.placement.routing_table import RoutingTable, default_replica
 from lorafleet.placement.table_store import RoutingTableStore
 from lorafleet.router.app import REPLICA_HEADER, create_app
 
@@ -154,35 +154,49 @@ def _replica_counts(url: str, adapter_id: str, num: int) -> collections.Counter:
     return collections.Counter(int(r.headers[REPLICA_HEADER]) for r in responses)
 
 
+def _assert_follows(counts: collections.Counter, probabilities: dict[int, float], num: int) -> None:
+    """Counts per replica within 4.5 binomial standard deviations of num x p (all of them where p is 1)."""
+    for rank in (0, 1):
+        p = probabilities.get(rank, 0.0)
+        slack = 4.5 * (num * p * (1 - p)) ** 0.5
+        assert num * p - slack <= counts[rank] <= num * p + slack, (counts, probabilities)
+
+
 def test_routing_follows_the_table_and_rebalance_changes_it(served):
     url, settings, _, _ = served
     client = redis.Redis.from_url(REDIS_URL)
     tables = RoutingTableStore(client, settings.redis_prefix)
-    table = RoutingTable(2, {"tenant01-lora-r1": ((0, 0.8), (1, 0.2)), "tenant07-lora-r64": ((1, 1.0),)})
+    # Each adapter is pinned where the consistent-hash default would NOT send it (tenant01 hashes to 0, tenant02
+    # to 1), so ignoring the table, hashing, random or least-loaded routing all fail these counts.
+    table = RoutingTable(2, {"tenant01-lora-r1": ((1, 1.0),), "tenant02-lora-r2": ((0, 1.0),),
+                             "tenant07-lora-r64": ((0, 0.8), (1, 0.2))})
+    assert [default_replica(a, 2) for a in ("tenant01-lora-r1", "tenant02-lora-r2")] == [0, 1]
     tables.publish(table)
     time.sleep(2.5)  # routers re-read the table within refresh_s (1 s)
-    counts = _replica_counts(url, "tenant01-lora-r1", 60)
-    # Binomial(60, 0.8): mean 48, sd 3.1; 5 sd either side.
-    assert 32 <= counts[0] <= 60, counts
-    assert _replica_counts(url, "tenant07-lora-r64", 20)[1] >= 16
+    assert _replica_counts(url, "tenant01-lora-r1", 20) == {1: 20}
+    assert _replica_counts(url, "tenant02-lora-r2", 20) == {0: 20}
+    counts = _replica_counts(url, "tenant07-lora-r64", 60)
+    # Binomial(60, 0.8): mean 48, sd 3.1; both replicas must appear (P(no replica 1) = 0.8^60 ~ 1.5e-6).
+    assert 34 <= counts[0] <= 58 and counts[1] >= 2, counts
 
     # New demand: tenant07 dominates; `lorafleet rebalance` publishes a new table that the routers follow.
     counters = DemandCounters(client, settings.redis_prefix)
     counters.record("tenant07-lora-r64", 200_000, 1000)
     counters.record("tenant01-lora-r1", 1_000, 10)
     env = {**os.environ, "LORAFLEET_REDIS_PREFIX": settings.redis_prefix, "LORAFLEET_REDIS_URL": REDIS_URL,
-           "LORAFLEET_NUM_REPLICAS": "2"}
+           "LORAFLEET_NUM_REPLICAS": "2", "LORAFLEET_STORE_URL": settings.store_url,
+           "LORAFLEET_MODEL_DIR": settings.model_dir}
     result = subprocess.run([str(Path(sys.executable).parent / "lorafleet"), "rebalance", "--json"],
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["published"] and report["version"] > table.version
+    assert report["published"] and report["version"] > table.version and report["num_unknown_rank"] == 0
     new = tables.load()
     assert new.version == report["version"] and "tenant07-lora-r64" in new.entries
     time.sleep(2.5)
-    expected = new.probabilities("tenant07-lora-r64")
-    counts = _replica_counts(url, "tenant07-lora-r64", 40)
-    assert set(counts) <= {r for r, p in expected.items() if p > 0}, (counts, expected)
+    assert httpx.get(f"{url}/v1/placement", timeout=30).json()["version"] == new.version
+    for adapter_id in ("tenant07-lora-r64", "tenant01-lora-r1"):
+        _assert_follows(_replica_counts(url, adapter_id, 40), new.probabilities(adapter_id), 40)
 
 
 @pytest.mark.parametrize("body,status,fragment", [

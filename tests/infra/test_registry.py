@@ -10,7 +10,7 @@ import pytest
 from lorafleet.infra.errors import AdapterNotFound, InvalidAdapterId, VersionConflict
 from lorafleet.infra.events import AdapterEvent, EventListener
 from lorafleet.infra.registry import PurgeRace, Registry
-from lorafleet.infra.version_record import BUNDLE_FILES, VersionRecord, check_adapter_id
+from lorafleet.infra.version_record import BUNDLE_FILES, VersionRecord
 
 CONFIG, WEIGHTS = BUNDLE_FILES
 
@@ -157,23 +157,3 @@ def test_registry_rejects_bad_ids(registry, bad):
     for call in (registry.current, registry.versions, registry.remove, registry.allocate_version):
         with pytest.raises(InvalidAdapterId):
             call(bad)
-
-
-def test_light_id_check_matches_the_validator():
-    from hypothesis import given, settings
-    from hypothesis import strategies as st
-
-    from lorafleet.infra.adapters import validate_adapter_id
-
-    def outcome(fn, value):
-        try:
-            return fn(value)
-        except InvalidAdapterId as exc:
-            return str(exc)
-
-    @settings(max_examples=300, deadline=None)
-    @given(st.one_of(st.text(max_size=140), st.from_regex(r"[A-Za-z0-9._-]{0,130}", fullmatch=True)))
-    def same(value):
-        assert outcome(check_adapter_id, value) == outcome(validate_adapter_id, value)
-
-    same()

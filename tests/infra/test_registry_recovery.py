@@ -17,6 +17,7 @@ from lorafleet.infra.object_store import LocalDirObjectStore, ObjectStore
 from lorafleet.infra.redis_conn import connect
 from lorafleet.infra.registry import Registry, RegistryLost
 from lorafleet.infra.store import AdapterStore
+from lorafleet.infra.store_source import StoreSource
 from lorafleet.infra.version_record import BUNDLE_FILES, VersionRecord
 
 CONFIG, WEIGHTS = BUNDLE_FILES
@@ -122,8 +123,8 @@ def test_redis_restarted_empty_recovers_current_list_and_replica(throwaway_redis
     pusher.push("b", files=adapter_files["ia3"])
     pusher.push("gone", files=adapter_files["flora2"])
     pusher.remove("gone")
-    with replica.source() as source:
-        assert source.events.wait_live()
+    with StoreSource(replica) as source:
+        assert source.subscribe(lambda event: None).wait_live()   # a replica listening to registry events
         assert source.fetch("a").version == "2"
         throwaway_redis.stop()
         with pytest.raises(StoreUnavailable):
@@ -343,16 +344,17 @@ def test_missing_local_directory_is_not_taken_for_an_empty_store(make_store, ada
 
 def test_placement_controller_adapter_info_rebuilds_a_lost_registry(make_store, objects, adapter_files,
                                                                    redis_client, prefix):
-    """The placement controller reads ranks through the store: after a loss the solver still sees every adapter."""
-    from lorafleet.placement.rebalancer import registry_adapter_info, store_adapter_info
+    """The rebalancer (Rebalancer.from_settings) reads ranks through the store: after a loss the solver still sees
+    every adapter. The CLI end to end: tests/placement/test_cli_placement.py."""
+    from lorafleet.placement.rebalancer import adapter_info_from
 
     store = make_store(objects)
     store.push("a", files=adapter_files["lora8"])
     store.push("b", files=adapter_files["ia3"])
     expected = {r.adapter_id: (r.max_rank, r.num_bytes) for r in store.list_current()}
     delete_prefix(redis_client, prefix)
-    assert registry_adapter_info(redis_client, prefix)() == {}   # the bare registry read sees the loss
-    assert store_adapter_info(make_store(objects))() == expected   # another process: rebuilt, then read
+    assert adapter_info_from(Registry(redis_client, prefix).list_current)() == {}   # a bare registry read: lost
+    assert adapter_info_from(make_store(objects).list_current)() == expected   # another process: rebuilt, then read
 
 
 def test_a_damaged_or_vanished_manifest_does_not_stop_the_rebuild(make_store, objects, adapter_files, redis_client,

@@ -11,30 +11,34 @@ from lorafleet.infra.errors import AdapterCorrupt, AdapterNotFound, StoreUnavail
 from lorafleet.infra.object_store import LocalDirObjectStore, blob_key
 from lorafleet.infra.redis_conn import connect
 from lorafleet.infra.store import AdapterStore
+from lorafleet.infra.store_source import StoreSource
 from lorafleet.infra.version_record import BUNDLE_FILES
 
 CONFIG, WEIGHTS = BUNDLE_FILES
 
 
-def test_redis_down_replica_serves_what_it_has_then_recovers(throwaway_redis, base_spec, tmp_path, adapter_files):
+def test_redis_down_replica_fetches_what_it_has_seen_then_recovers(throwaway_redis, base_spec, tmp_path,
+                                                                   adapter_files):
     store = AdapterStore(LocalDirObjectStore(tmp_path / "objects"), connect(throwaway_redis.url, 1.0), "t",
                          base=base_spec)
     for name in ("lora8", "lora4", "ia3"):
         store.push(name, files=adapter_files[name])
     events = []
-    with store.source() as source:
-        source.add_listener(events.append)
-        assert source.events.wait_live()
+    with StoreSource(store) as source:
+        listener = source.subscribe(events.append)
+        assert listener.wait_live()
         source.fetch("lora8")
         source.fetch("lora4")
-        source.invalidate("lora4")  # host copy gone, but the replica still knows the record
         throwaway_redis.stop()
-        wait_until(lambda: not source.events.is_live)
+        wait_until(lambda: not listener.is_live)
 
-        assert source.fetch("lora8").files == adapter_files["lora8"]  # host copy
-        assert source.fetch("lora4").files == adapter_files["lora4"]  # straight from the object store
+        # The replica knows these records: straight from the object store (its adapter cache holds them anyway).
+        assert source.fetch("lora8").files == adapter_files["lora8"]
+        assert source.fetch("lora4").files == adapter_files["lora4"]
         with pytest.raises(StoreUnavailable, match=f"Redis at redis://127.0.0.1:{throwaway_redis.port}/0 is unreach"):
             source.fetch("ia3")
+        with pytest.raises(StoreUnavailable):
+            source.current_versions(["lora8"])   # a resync during the outage changes nothing
         num_blobs = len(store.objects.list("blobs/"))
         with pytest.raises(StoreUnavailable, match="adapter registry .* unreachable"):
             store.push("new", files=adapter_files["flora2"])
@@ -45,14 +49,15 @@ def test_redis_down_replica_serves_what_it_has_then_recovers(throwaway_redis, ba
         assert snap["num_registry_down"] == 2 and snap["num_errors"] == 1
 
         throwaway_redis.start()  # same port, empty (no persistence): the registry is rebuilt from the store
-        wait_until(lambda: source.events.is_live)
+        wait_until(lambda: listener.is_live)
         wait_until(lambda: any(e.kind == "resync" for e in events))
         assert source.fetch("ia3").files == adapter_files["ia3"]  # the miss rebuilt the registry, no reindex by hand
         assert store.recovery.num_recoveries == 1 and [r.adapter_id for r in store.list_current()] == [
             "ia3", "lora4", "lora8"]
         record = store.push("lora8", files=adapter_files["flora2"])
         assert record.version == 2  # numbering continues from the object store's manifests
-        wait_until(lambda: "lora8" not in source.host)
+        wait_until(lambda: ("updated", "lora8", 2) in [(e.kind, e.adapter_id, e.version) for e in events])
+        assert source.current_versions(["lora8"]) == {"lora8": "2"}
         assert source.fetch("lora8").files == adapter_files["flora2"]
 
 
@@ -60,10 +65,10 @@ def test_object_store_down_hot_tiers_keep_serving(private_s3_server, make_store,
     store = make_store(private_s3_server.object_store())
     store.push("a", files=adapter_files["lora8"])
     store.push("b", files=adapter_files["lora4"])
-    with store.source(subscribe=False) as first:
-        first.fetch("a")  # host copy here, hot blobs in Redis
+    with StoreSource(store) as first:
+        first.fetch("a")  # hot blobs in Redis
     private_s3_server.stop()
-    with store.source(subscribe=False) as replica:
+    with StoreSource(store) as replica:
         assert replica.fetch("a").files == adapter_files["lora8"]  # from Redis
         with pytest.raises(StoreUnavailable, match="object store s3://"):
             replica.fetch("b")
@@ -74,7 +79,7 @@ def test_object_store_down_hot_tiers_keep_serving(private_s3_server, make_store,
         store.current("c")
     private_s3_server.start()
     assert store.push("a", files=adapter_files["ia3"]).version == 3  # version 2 was allocated by the failed push
-    with store.source(subscribe=False) as replica:
+    with StoreSource(store) as replica:
         assert replica.fetch("b").files == adapter_files["lora4"]
 
 
@@ -92,7 +97,7 @@ def test_bad_blob_in_object_store_is_a_clear_error(request, make_store, adapter_
         bad = good[: size // 3] if damage == "truncated" else good[:-1] + bytes([good[-1] ^ 1])
         store.objects.put(blob_key(sha), bad)  # what a cut-short upload or bit rot leaves behind
     match = "is missing" if damage == "missing" else f"is corrupt: .* expected {size} bytes"
-    with store.source(subscribe=False) as source:
+    with StoreSource(store) as source:
         with pytest.raises(AdapterCorrupt, match=f"adapter 'a' version 1: {WEIGHTS} .*{match}"):
             source.fetch("a")
         assert source.metrics.snapshot()["num_hash_mismatches"] == (0 if damage == "missing" else 2)
@@ -100,7 +105,7 @@ def test_bad_blob_in_object_store_is_a_clear_error(request, make_store, adapter_
     with pytest.raises(AdapterCorrupt):
         store.get("a")
     store.push("a", files=adapter_files["lora8"])  # re-pushing the same bytes repairs the blob
-    with store.source(subscribe=False) as source:
+    with StoreSource(store) as source:
         assert source.fetch("a").files == adapter_files["lora8"]
 
 

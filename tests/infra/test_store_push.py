@@ -180,8 +180,8 @@ def test_from_settings_local_and_s3(monkeypatch, prefix, tmp_path, tiny_model_di
     from lorafleet.infra.store import AdapterStore
 
     local = AdapterStore.from_settings(load_settings(
-        store_url=str(tmp_path / "s"), redis_prefix=prefix, model_dir=str(tiny_model_dir), host_cache_max_bytes=123))
-    assert isinstance(local.objects, LocalDirObjectStore) and local.host_cache_max_bytes == 123
+        store_url=str(tmp_path / "s"), redis_prefix=prefix, model_dir=str(tiny_model_dir), hot_cache_max_bytes=123))
+    assert isinstance(local.objects, LocalDirObjectStore) and local.hot.max_bytes == 123
     assert local.push("a", adapter_dirs["ia3"]).version == 1
     s3_server.client().create_bucket(Bucket="from-settings")
     for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),

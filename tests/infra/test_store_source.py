@@ -1,4 +1,4 @@
-"""Replica-side StoreSource: tiers (host → Redis → object store), single-flight, events, hash checks, metrics."""
+"""Replica-side StoreSource: tiers (Redis → object store), single-flight, versions, events, hash checks, metrics."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import time
 import pytest
 from lf_testing import wait_until
 
-from lorafleet.infra.adapter_source import AdapterSource
+from lorafleet.infra.adapter_source import VersionedSource
 from lorafleet.infra.errors import AdapterNotFound, InvalidAdapterId
-from lorafleet.infra.host_cache import HostCache, HostEntry
 from lorafleet.infra.object_store import LocalDirObjectStore
 from lorafleet.infra.single_flight import SingleFlight
+from lorafleet.infra.store_source import StoreSource
 from lorafleet.infra.version_record import BUNDLE_FILES
 
 CONFIG, WEIGHTS = BUNDLE_FILES
@@ -34,20 +34,20 @@ class CountingObjectStore(LocalDirObjectStore):
         return super().get(key)
 
 
-def test_tiers_object_store_then_host_then_redis(store, adapter_files):
-    store.push("a", files=adapter_files["lora8"])
-    with store.source() as first, store.source() as second:
-        assert first.events.wait_live()
-        engine_side: AdapterSource = first  # what the engine is typed against
+def test_tiers_object_store_then_redis(store, adapter_files):
+    record = store.push("a", files=adapter_files["lora8"])
+    with StoreSource(store) as first, StoreSource(store) as second:
+        engine_side: VersionedSource = first  # what the engine's adapter cache is typed against
+        assert isinstance(engine_side, VersionedSource)
         fetched = engine_side.fetch("a")
-        assert fetched.files == adapter_files["lora8"] and fetched.version == "1"
-        assert first.fetch("a").files == adapter_files["lora8"]
+        assert fetched.files == adapter_files["lora8"] and fetched.version == "1" and fetched.digest == record.sha256
         assert second.fetch("a").files == adapter_files["lora8"]  # another replica: the hot blob in Redis
+        assert first.fetch("a").files == adapter_files["lora8"]   # no host tier here: Redis again
         hits = (first.metrics.snapshot()["hits"], second.metrics.snapshot()["hits"])
-    assert hits == ({"host": 1, "redis": 0, "object_store": 1}, {"host": 0, "redis": 1, "object_store": 0})
+    assert hits == ({"redis": 1, "object_store": 1}, {"redis": 1, "object_store": 0})
     snap = first.metrics.snapshot()
     num_bytes = sum(map(len, adapter_files["lora8"].values()))
-    assert snap["bytes"] == {"host": num_bytes, "redis": 0, "object_store": num_bytes}
+    assert snap["bytes"] == {"redis": num_bytes, "object_store": num_bytes}
     assert snap["latency"]["object_store"]["p50_ms"] > 0
 
 
@@ -58,7 +58,7 @@ def test_single_flight_one_fetch_for_32_waiters(make_store, adapter_files, tmp_p
     objects.num_gets = 0
     barrier = threading.Barrier(32)
     results = []
-    with store.source(subscribe=False) as source:
+    with StoreSource(store) as source:
         def fetch() -> None:
             barrier.wait()
             results.append(source.fetch("a"))
@@ -104,70 +104,51 @@ def test_single_flight_shares_errors():
     assert flights.do("k", lambda: 7) == (7, False)
 
 
-def test_update_event_drops_stale_host_copy(store, adapter_files):
+def test_events_reach_the_subscriber_and_current_versions_answer_in_one_lookup(store, adapter_files):
     store.push("a", files=adapter_files["lora8"])
+    store.push("b", files=adapter_files["lora4"])
     seen = []
-    with store.source() as source:
-        source.add_listener(seen.append)
-        assert source.events.wait_live()
-        source.fetch("a")
-        source.fetch("a")
-        assert source.metrics.snapshot()["hits"]["host"] == 1
+    with StoreSource(store) as source:
+        assert source.subscribe(seen.append).wait_live()
+        assert source.current_versions(["a", "b", "never-pushed"]) == {"a": "1", "b": "1", "never-pushed": None}
         store.push("a", files=adapter_files["ia3"])
-        wait_until(lambda: "a" not in source.host, 5.0, period_s=0.01)
-        fetched = source.fetch("a")
+        fetched = source.fetch("a")   # no event needed to see the new version: every fetch asks the registry
         assert fetched.version == "2" and fetched.files == adapter_files["ia3"]
         store.remove("a")
-        wait_until(lambda: "a" not in source.host, 5.0, period_s=0.01)
         with pytest.raises(AdapterNotFound, match="removed"):
             source.fetch("a")
+        assert source.current_versions(["a", "b"]) == {"a": None, "b": "1"}
         wait_until(lambda: len(seen) == 2, 5.0, period_s=0.01)
-    assert [(e.kind, e.version) for e in seen] == [("updated", 2), ("removed", 2)]
+    assert [(e.kind, e.adapter_id, e.version) for e in seen] == [("updated", "a", 2), ("removed", "a", 2)]
 
 
-def test_without_events_every_fetch_checks_the_registry(store, adapter_files):
+def test_current_versions_rebuild_a_lost_registry_instead_of_reading_every_adapter_as_removed(
+        store, adapter_files, redis_client):
     store.push("a", files=adapter_files["lora8"])
-    with store.source(subscribe=False) as source:
-        assert source.fetch("a").version == "1"
-        store.push("a", files=adapter_files["lora4"])
-        assert source.fetch("a").files == adapter_files["lora4"]  # no event needed to see the new version
+    for key in redis_client.scan_iter(f"{store.prefix}:adapters:*"):   # Redis lost its data (restart, flush)
+        redis_client.delete(key)
+    with StoreSource(store) as source:
+        assert source.current_versions(["a"]) == {"a": "1"}
+    assert store.recovery.num_recoveries == 1
 
 
 def test_corrupt_hot_blob_is_dropped_and_refetched(store, adapter_files, redis_client):
     record = store.push("a", files=adapter_files["lora8"])
-    with store.source(subscribe=False) as warm:
+    with StoreSource(store) as warm:
         warm.fetch("a")  # fills the hot cache
     weights_sha = record.files[WEIGHTS][0]
     redis_client.set(store.hot.blob_prefix + weights_sha, b"\x00" * 100)  # bit rot / a bad writer
-    with store.source(subscribe=False) as source:
+    with StoreSource(store) as source:
         assert source.fetch("a").files == adapter_files["lora8"]
         snap = source.metrics.snapshot()
     assert snap["num_hash_mismatches"] == 1 and snap["hits"]["object_store"] == 1
     assert store.hot.get_many([weights_sha])[weights_sha] == adapter_files["lora8"][WEIGHTS]  # repaired
 
 
-def test_host_cache_budget_and_bad_ids(store, adapter_files):
-    for name in ("lora8", "lora4", "ia3"):
-        store.push(name, files=adapter_files[name])
-    sizes = {name: sum(map(len, adapter_files[name].values())) for name in ("lora8", "lora4", "ia3")}
-    with store.source(host_cache_max_bytes=sizes["lora8"] + sizes["ia3"], subscribe=False) as source:
-        for name in ("lora8", "lora4", "ia3"):
-            source.fetch(name)
-        assert "lora8" not in source.host and "ia3" in source.host
-        assert source.host.num_bytes <= source.host.max_bytes
+def test_bad_and_unknown_ids(store):
+    with StoreSource(store) as source:
         for bad in ("../a", "a" * 129, "\u0430"):
             with pytest.raises(InvalidAdapterId):
                 source.fetch(bad)
         with pytest.raises(AdapterNotFound):
             source.fetch("never-pushed")
-
-
-def test_host_cache_lru_unit(store, adapter_files):
-    record = store.push("a", files=adapter_files["ia3"])
-    cache = HostCache(max_bytes=2 * record.num_bytes)
-    for key in ("x", "y"):
-        assert cache.put(key, HostEntry(record, adapter_files["ia3"]))
-    cache.get("x")
-    cache.put("z", HostEntry(record, adapter_files["ia3"]))
-    assert "y" not in cache and "x" in cache and cache.num_bytes == 2 * record.num_bytes
-    assert not HostCache(max_bytes=10).put("big", HostEntry(record, adapter_files["ia3"]))

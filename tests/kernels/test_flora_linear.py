@@ -11,19 +11,19 @@ from lorafleet.kernels import (
     flora_linear_reference,
     plan_adapter_batch,
 )
-from lorafleet.kernels.synthetic import POPULARITY, AdapterBatch, make_adapter_batch
+from lorafleet.kernels.synthetic import POPULARITY, SyntheticAdapters, make_adapter_batch
 
 RANK_MIX, D_IN, D_OUT = KERNEL_RANK_MIX, KERNEL_D_IN, KERNEL_D_OUT
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def reference(batch: AdapterBatch) -> torch.Tensor:
+def reference(batch: SyntheticAdapters) -> torch.Tensor:
     wide = batch.to(torch.float64)
     return flora_linear_reference(wide.x, wide.weight, wide.in_rows, wide.out_rows, batch.token_start,
                                   batch.token_rank)
 
 
-def run(batch: AdapterBatch, out: torch.Tensor, backend: str) -> torch.Tensor:
+def run(batch: SyntheticAdapters, out: torch.Tensor, backend: str) -> torch.Tensor:
     y = flora_linear(batch.x, batch.weight, batch.in_rows, batch.out_rows, batch.token_start,
                      batch.token_rank, out=out, backend=backend)
     assert y is out

@@ -48,7 +48,7 @@ def test_imports_and_runs_with_only_torch():
         x = torch.randn(3, 8)
         y = flora_linear(x, torch.eye(8), torch.ones(2, 8), torch.ones(2, 8), [0, 0, 0], [1, 0, 2])
         assert torch.allclose(y, x * torch.tensor([[1.0], [1.0], [2.0]]))
-        from lorafleet.kernels.bench_report import print_report  # rich is optional too
+        from lorafleet.benchmarks.kernels_report import print_report  # rich is optional too
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -6,19 +6,19 @@ import torch
 from lf_testing import KERNEL_D_IN, KERNEL_D_OUT, KERNEL_RANK_MIX, shuffled_ranks
 
 from lorafleet.kernels import KernelArgumentError, lora_bmm, lora_delta, lora_delta_reference, plan_adapter_batch
-from lorafleet.kernels.synthetic import POPULARITY, AdapterBatch, make_adapter_batch
+from lorafleet.kernels.synthetic import POPULARITY, SyntheticAdapters, make_adapter_batch
 
 RANK_MIX, D_IN, D_OUT = KERNEL_RANK_MIX, KERNEL_D_IN, KERNEL_D_OUT
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def reference(batch: AdapterBatch) -> torch.Tensor:
+def reference(batch: SyntheticAdapters) -> torch.Tensor:
     wide = batch.to(torch.float64)
     return lora_delta_reference(wide.x, wide.in_rows, wide.out_rows, batch.token_start, batch.token_rank,
                                 batch.token_scale)
 
 
-def token_args(batch: AdapterBatch) -> tuple[torch.Tensor, ...]:
+def token_args(batch: SyntheticAdapters) -> tuple[torch.Tensor, ...]:
     return batch.x, batch.in_rows, batch.out_rows, batch.token_start, batch.token_rank, batch.token_scale
 
 
@@ -101,7 +101,7 @@ def test_bmm_baseline_matches_reference(device, dtype, popularity, check_close, 
 def test_rejects_bad_arguments(device):
     b = make_adapter_batch(4, D_IN, D_OUT, [4], device=device)
     square = torch.randn(4, D_IN, device=device)
-    b = AdapterBatch(square, b.weight, b.in_rows, b.out_rows, b.token_start, b.token_rank, b.token_scale)
+    b = SyntheticAdapters(square, b.weight, b.in_rows, b.out_rows, b.token_start, b.token_rank, b.token_scale)
     cases = {
         "accumulate=True needs out": lambda: lora_delta(*token_args(b), accumulate=True),
         "in_rows has dtype": lambda: lora_delta(b.x, b.in_rows.half(), b.out_rows, b.token_start, b.token_rank),

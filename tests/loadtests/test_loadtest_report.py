@@ -9,11 +9,11 @@ import pytest
 from matplotlib.image import imread
 from rich.console import Console
 
-from lorafleet.loadtests.demo_target import local_demo
+from lorafleet.cluster.demo_target import local_demo
 from lorafleet.loadtests.plots import PLOT_FILES
 from lorafleet.loadtests.report import load_records, locust_counts
 from lorafleet.loadtests.runner import LoadTestConfig, run_loadtest
-from lorafleet.loadtests.sweep import rate_dir_name
+from lorafleet.loadtests.sweep import rate_dir_name, run_sweep
 
 pytestmark = pytest.mark.slow
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -79,7 +79,7 @@ def sweep(demo_url, tmp_path_factory):
     config = LoadTestConfig(host=demo_url, rate=1.0, duration_s=5.0, num_adapters=12, zipf=1.1, out_dir=out,
                             slo_ttft_p95_s=30.0, prompt_tokens=8, output_tokens=8, drain_s=20.0,
                             sweep_rates=(2.0, 4.0))
-    summaries = run_loadtest(config, console=Console(record=True, width=160))
+    summaries = run_sweep(config, console=Console(record=True, width=160))
     return out, summaries
 
 

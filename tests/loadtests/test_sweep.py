@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from lorafleet.loadtests.plan import LoadTestError
+from lorafleet.loadtests.load_plan import LoadTestError
 from lorafleet.loadtests.report import summarize
-from lorafleet.loadtests.runner import LoadTestConfig
-from lorafleet.loadtests.sweep import _should_stop, capacity_at_slo, parse_rates, sweep_markdown, sweep_summary
+from lorafleet.loadtests.runner import LoadTestConfig, run_loadtest
+from lorafleet.loadtests.sweep import (
+    _should_stop,
+    capacity_at_slo,
+    parse_rates,
+    run_sweep,
+    sweep_markdown,
+    sweep_summary,
+)
 
 SLO_S = 0.5
 
@@ -105,3 +112,14 @@ def test_config_rejects_bad_sweeps(tmp_path, changes, fragment):
         base["host"] = "http://127.0.0.1:1"
     with pytest.raises(LoadTestError, match=fragment):
         LoadTestConfig(**{**base, **changes})
+
+
+def test_a_local_demo_needs_a_starter(tmp_path):
+    """loadtests imports nothing from the cluster: without --host the caller hands over the demo to start."""
+    base = dict(host=None, rate=4.0, duration_s=5.0, num_adapters=5, zipf=1.1, out_dir=tmp_path / "out",
+                slo_ttft_p95_s=SLO_S)
+    with pytest.raises(LoadTestError, match="start_demo"):
+        run_sweep(LoadTestConfig(**base, sweep_rates=(2.0,)))
+    with pytest.raises(LoadTestError, match="start_demo"):
+        run_loadtest(LoadTestConfig(**base, is_policy_compare=True))
+    assert not (tmp_path / "out" / "summary.json").exists()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lorafleet.loadtests.plan import LoadPlan, LoadTestError, build_plan, rank_class, rank_of
+from lorafleet.loadtests.load_plan import LoadPlan, LoadTestError, build_plan, rank_class, rank_of
 from lorafleet.loadtests.runner import LoadTestConfig, parse_duration
-from lorafleet.loadtests.workload import LengthDist, WorkloadSpec, generate
+from lorafleet.placement.workload import LengthDist, WorkloadSpec, generate
 
 DEMO_LIKE = [f"tenant{i:02d}-lora-r{r}" for i, r in enumerate((1, 2, 4, 8, 16, 32, 64, 16, 8, 4), start=1)]
 
@@ -60,6 +60,14 @@ def test_plan_roundtrips_and_is_deterministic(tmp_path):
     plan = build_plan(DEMO_LIKE, {}, **kwargs)
     assert build_plan(DEMO_LIKE, {}, **kwargs) == plan
     assert LoadPlan.from_json(plan.to_json(tmp_path / "plan.json")) == plan
+
+
+def test_demo_adapters_carry_their_rank_in_the_id():
+    """The plan reads ranks from ids (plan_for_host passes no rank table): every demo adapter must parse."""
+    from lorafleet.cluster.demo import DEMO_ADAPTERS
+
+    assert {adapter_id: rank_of(adapter_id, {}) for adapter_id, _, _, _ in DEMO_ADAPTERS} == {
+        adapter_id: rank for adapter_id, _, rank, _ in DEMO_ADAPTERS}
 
 
 def test_rank_classes():

@@ -10,6 +10,7 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 @pytest.fixture
 def down_redis():
     """A client pointed at a port where no Redis listens (connection refused at once)."""
-    import redis
+    from lorafleet.infra.redis_conn import connect
 
-    return redis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.5, socket_timeout=0.5)
+    return connect("redis://127.0.0.1:1/0", timeout_s=0.5)
+

@@ -46,6 +46,17 @@ def test_simulate_json_contract_and_determinism():
     assert first.stdout == second.stdout
 
 
+def test_simulate_record_writes_through_the_result_writer(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "lorafleet.cluster.cli", "simulate", "--policies", "random",
+                             "--no-replicas-needed", "--record", *SMALL], capture_output=True, text=True, cwd=tmp_path,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    (path,) = (tmp_path / "benchmarks" / "results").glob("simulate-*.json")
+    saved = json.loads(path.read_text())
+    assert saved["benchmark"] == "simulate" and "--record" in saved["command"] and saved["hardware"]["cpu"]
+    assert set(saved["policies"]) == {"random"} and saved["workload"]["num_replicas"] == 4
+
+
 def test_simulate_table_and_plots(tmp_path):
     result = run_cli("simulate", "--policies", "round-robin,affinity", "--no-replicas-needed", "--out",
                      str(tmp_path / "sim"), *SMALL)
@@ -83,7 +94,7 @@ def test_simulate_bad_input_is_one_line_exit_2(args, fragment, capsys):
 
 
 @pytest.fixture
-def seeded_redis(redis_prefix):
+def seeded_redis(redis_prefix, tmp_path):
     client, prefix = redis_prefix
     counters, store = DemandCounters(client, prefix), RoutingTableStore(client, prefix)
     now = time.time()
@@ -92,7 +103,8 @@ def seeded_redis(redis_prefix):
         store.put_adapter_info(adapter_id, (8, 128)[i % 2], 0)
         for k in range(5):
             counters.record(adapter_id, 20_000 // (i + 1), 10, now=now - 30 * k)
-    env = {"LORAFLEET_REDIS_PREFIX": prefix, "LORAFLEET_NUM_REPLICAS": "4", "LORAFLEET_REBALANCE_PERIOD_S": "30"}
+    env = {"LORAFLEET_REDIS_PREFIX": prefix, "LORAFLEET_NUM_REPLICAS": "4", "LORAFLEET_REBALANCE_PERIOD_S": "30",
+           "LORAFLEET_STORE_URL": str(tmp_path / "store")}   # an empty object store of its own
     return client, prefix, store, env
 
 
@@ -116,6 +128,39 @@ def test_rebalance_dry_run_then_publish(seeded_redis):
     assert again.returncode == 0, again.stderr
     assert "published version 2" in again.stdout and "churn 0.0%" in again.stdout
     assert store.version() == 2
+
+
+def test_rebalance_after_the_registry_was_lost_still_sees_the_ranks(redis_prefix, tmp_path, tiny_model_dir):
+    """Like the placement controller, `lorafleet rebalance` reads ranks through the adapter store, which rebuilds
+    a registry Redis lost from the object store: no adapter falls back to the unknown (maximum) rank."""
+    from lf_testing import delete_prefix, make_adapters
+
+    from lorafleet.infra.config import load_settings
+    from lorafleet.infra.registry import Registry
+    from lorafleet.infra.store import AdapterStore
+
+    client, prefix = redis_prefix
+    env = {"LORAFLEET_REDIS_PREFIX": prefix, "LORAFLEET_NUM_REPLICAS": "2", "LORAFLEET_REBALANCE_PERIOD_S": "30",
+           "LORAFLEET_STORE_URL": str(tmp_path / "store"), "LORAFLEET_MODEL_DIR": str(tiny_model_dir)}
+    store = AdapterStore.from_settings(load_settings(redis_prefix=prefix, store_url=env["LORAFLEET_STORE_URL"],
+                                                     model_dir=env["LORAFLEET_MODEL_DIR"]))
+    adapters = make_adapters(tmp_path / "adapters", tiny_model_dir, {
+        "sql-r8": ("lora", 8, ["q_proj", "v_proj"], 0), "tone-ia3": ("ia3", 1, ["k_proj", "v_proj", "down_proj"], 1)})
+    for adapter_id, path in adapters.items():
+        store.push(adapter_id, path)
+    delete_prefix(client, prefix)   # Redis restarted empty; the object store keeps every adapter
+    assert Registry(client, prefix).list_current() == []
+    counters, now = DemandCounters(client, prefix), time.time()
+    for adapter_id in adapters:
+        for k in range(3):
+            counters.record(adapter_id, 5_000, 10, now=now - 30 * k)
+
+    result = run_cli("rebalance", "--dry-run", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["num_adapters"] == 2 and report["num_unknown_rank"] == 0
+    assert max(row["max_rank"] for row in report["replicas"]) == 8   # 128 (settings max_rank) if one was unknown
+    assert {r.adapter_id for r in Registry(client, prefix).list_current()} == set(adapters)   # rebuilt
 
 
 def test_rebalance_bad_input_and_redis_down(seeded_redis):

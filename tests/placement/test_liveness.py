@@ -1,54 +1,14 @@
-"""Replica heartbeats in Redis and placement over the live ranks only (a replica that died and stayed dead)."""
+"""Placement over the live ranks only (a replica that died and stayed dead); beats: tests/infra/test_heartbeats.py."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
+from lf_testing import seed_demand
 
-from lorafleet.infra.demand import DemandCounters
-from lorafleet.infra.errors import StoreUnavailable
-from lorafleet.placement import OperatingPoints, RoutingTableStore
-from lorafleet.placement.liveness import ReplicaLiveness, compact_previous, start_heartbeat
+from lorafleet.placement import OperatingPoints
+from lorafleet.placement.liveness import compact_previous
 from lorafleet.placement.rebalancer import Rebalancer
 from lorafleet.placement.routing_table import RoutingTable
-
-
-def test_live_ranks_follow_heartbeats_and_their_ttl(redis_prefix):
-    client, prefix = redis_prefix
-    liveness = ReplicaLiveness(client, prefix)
-    assert liveness.live_ranks(4) is None   # nobody beats: unknown, not "all dead"
-    liveness.beat(2, {"queue_len": 3})
-    liveness.beat(0, ttl_s=0.2)
-    assert liveness.live_ranks(4) is None   # none known dead (ranks 1 and 3 never beat: still starting)
-    time.sleep(0.35)
-    assert liveness.live_ranks(4) == [1, 2, 3]   # rank 0 beat, then stopped: dead after its TTL
-    assert liveness.live_ranks(1) is None   # every asked rank silent: unknown, not "all dead"
-    liveness.beat(0)
-    assert liveness.live_ranks(4) is None   # back
-
-
-def test_heartbeat_thread_beats_until_stopped(redis_prefix):
-    client, prefix = redis_prefix
-    liveness = ReplicaLiveness(client, prefix)
-    rank: list[int | None] = [None]
-    stop = start_heartbeat(liveness, lambda: rank[0], lambda: {"queue_len": 0}, period_s=0.05)
-    try:
-        time.sleep(0.2)
-        assert not client.exists(f"{prefix}:replicas:seen")   # no rank yet: nothing written
-        rank[0] = 1
-        deadline = time.monotonic() + 5
-        while not client.exists(f"{prefix}:replicas:live:1"):
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        assert client.smembers(f"{prefix}:replicas:seen") == {b"1"}
-    finally:
-        stop.set()
-
-
-def test_redis_down_is_one_store_unavailable(down_redis):
-    with pytest.raises(StoreUnavailable, match="replica heartbeats: Redis unreachable"):
-        ReplicaLiveness(down_redis, "x").live_ranks(3)
 
 
 def test_compact_previous_drops_dead_ranks_and_renormalises():
@@ -61,12 +21,7 @@ def test_compact_previous_drops_dead_ranks_and_renormalises():
 
 def test_rebalance_over_live_ranks_places_nothing_on_a_dead_one(redis_prefix):
     client, prefix = redis_prefix
-    counters, tables = DemandCounters(client, prefix), RoutingTableStore(client, prefix)
-    now = time.time()
-    for i in range(16):
-        tables.put_adapter_info(f"ad-{i}", (8, 64)[i % 2], 0)
-        for k in range(5):
-            counters.record(f"ad-{i}", 40_000 // (i + 1), 10, now=now - 30 * k)
+    tables = seed_demand(client, prefix, 16, 5)
     rebalancer = Rebalancer(client, prefix, OperatingPoints.default(), 30.0, 128)
     full, _ = rebalancer.run(4)
     before = tables.load()

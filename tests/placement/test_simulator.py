@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from lorafleet.infra.errors import InvalidPlacement
-from lorafleet.loadtests.workload import WorkloadSpec, generate
 from lorafleet.placement import POLICIES, SimConfig, compare, rate_for_load, run_policy
 from lorafleet.placement.cost_model import StepCostModel
 from lorafleet.placement.sim_profile import rank_interference
+from lorafleet.placement.workload import WorkloadSpec, generate
 
 pytestmark = pytest.mark.timeout(300)  # a hang fails fast instead of stalling CI
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lorafleet.loadtests.workload import LengthDist, WorkloadSpec, generate, zipf_popularity
+from lorafleet.placement.workload import LengthDist, WorkloadSpec, generate, zipf_popularity
 
 pytestmark = pytest.mark.timeout(300)  # a hang fails fast instead of stalling CI
 

@@ -16,6 +16,7 @@ from lorafleet.infra.base_spec import BaseModelSpec
 from lorafleet.infra.errors import AdapterNotFound, InvalidAdapter, InvalidAdapterId
 from lorafleet.replicas import SamplingParams
 from lorafleet.replicas.adapter_cache import AdapterCache
+from lorafleet.replicas.adapter_loader import AdapterLoader
 from lorafleet.replicas.adapter_pool import AdapterPools, RowAllocator, module_index
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -47,11 +48,13 @@ class GatedSource:
         return self.inner.fetch(adapter_id)
 
 
-def make_cache(tiny_model_dir, source, num_rows=32, num_slots=3, host_cache_bytes=1 << 30):
+def make_cache(tiny_model_dir, source, num_rows=32, num_slots=3, host_cache_bytes=1 << 30, resync_interval_s=0.0):
     spec = BaseModelSpec.from_model_dir(tiny_model_dir)
     pools = AdapterPools(spec.num_layers, spec.module_shapes, num_rows, num_slots, torch.float32, "cpu")
-    return AdapterCache(pools, spec, source, max_rank=16, max_bytes=1 << 30, host_cache_bytes=host_cache_bytes,
-                        num_loaders=2, dtype=torch.float32)
+    loader = AdapterLoader(spec, pools.target_modules, max_rank=16, max_bytes=1 << 30, dtype=torch.float32,
+                           pin_memory=False)
+    return AdapterCache(pools, loader, source, host_cache_max_bytes=host_cache_bytes, num_loaders=2,
+                        resync_interval_s=resync_interval_s)
 
 
 def wait_ready(cache, *adapter_ids):
@@ -174,6 +177,27 @@ def test_host_tier_keeps_only_what_fits(tiny_model_dir, adapter_root):
     for a in ids:
         cache.unwatch(a)
     assert cache.info()["num_host"] == 2 and cache.stats["host_evictions"] == 2
+
+
+def test_each_version_is_validated_once_and_a_new_version_again(tiny_model_dir, adapter_root, tmp_path):
+    root = tmp_path / "root"
+    for name in ("lora-r4-0", "lora-r4-1"):
+        shutil.copytree(adapter_root / name, root / name)
+    one = load_adapter_dir(root / "lora-r4-0", BaseModelSpec.from_model_dir(tiny_model_dir)).num_bytes
+    cache = make_cache(tiny_model_dir, LocalDirSource(root), host_cache_bytes=one)   # room for one adapter
+    for a in ("lora-r4-0", "lora-r4-1", "lora-r4-0"):   # the second evicts the first from the host tier
+        cache.watch(a)
+        wait_ready(cache, a)
+        cache.unwatch(a)
+    assert cache.stats["host_evictions"] == 2 and cache.stats["loads"] == 3
+    info = cache.info()
+    assert info["num_validations"] == 2 and info["num_revalidations_skipped"] == 1   # same bytes: no NaN rescan
+    shutil.rmtree(root / "lora-r4-0")
+    shutil.copytree(adapter_root / "lora-r8-0", root / "lora-r4-0")   # a new version under the same id
+    assert cache.resync() == 1 and cache.residency("lora-r4-0") == "cold"   # held, unwanted: dropped, not fetched
+    cache.watch("lora-r4-0")
+    wait_ready(cache, "lora-r4-0")
+    assert cache.info()["num_validations"] == 3 and cache.version("lora-r4-0") != cache.version("lora-r4-1")
 
 
 def test_missing_and_invalid_adapters_fail_only_their_requests(make_engine, adapter_root, tmp_path):

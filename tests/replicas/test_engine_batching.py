@@ -44,7 +44,7 @@ def test_kv_exhaustion_preempts_and_recomputes_with_identical_tokens(make_engine
     params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
     roomy = make_engine()
     expected = [o.token_ids for o in roomy.generate(prompts, params)]
-    tight = make_engine(num_kv_blocks=16, block_size=8)     # 128 token slots for 8 x ~60 tokens
+    tight = make_engine(num_kv_blocks=16, kv_block_size=8)     # 128 token slots for 8 x ~60 tokens
     outs = tight.generate(prompts, params)
     assert [o.token_ids for o in outs] == expected
     assert tight.stats()["num_preemptions"] > 0 and sum(o.metrics.num_preemptions for o in outs) > 0

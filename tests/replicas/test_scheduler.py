@@ -124,6 +124,26 @@ def test_kv_exhaustion_preempts_newest_and_recomputes():
     assert sched.num_preemptions == 1
 
 
+def test_preempted_request_keeps_its_adapter_pin_and_resumes_on_the_same_slot():
+    """A newer adapter version arriving while a request is preempted must not change the rows it resumes on."""
+    gate = FakeGate()
+    sched = make(num_blocks=4, block_size=4, gate=gate)
+    old, new = seq("old", 8, 4, adapter="a"), seq("new", 8, 4, adapter="b")
+    sched.add(old)
+    sched.add(new)
+    run_step(sched, sched.schedule())
+    slot = new.adapter_slot
+    out = sched.schedule()
+    assert out.preempted == [new] and new.adapter_slot == slot and gate.pins["b"] == 1   # still pinned
+    while old.status is not SequenceStatus.FINISHED:
+        run_step(sched, sched.schedule())
+    out = sched.schedule()
+    assert [i.seq for i in out.scheduled] == [new] and new.adapter_slot == slot and gate.pins["b"] == 1
+    while new.status is not SequenceStatus.FINISHED:
+        run_step(sched, sched.schedule())
+    assert gate.pins == {"a": 0, "b": 0}   # released once, at the end
+
+
 def test_preempted_request_keeps_its_place_ahead_of_later_arrivals():
     sched = make(num_blocks=4, block_size=4, max_num_seqs=2)
     first, second, third = seq("1", 8, 8), seq("2", 8, 8), seq("3", 4, 2)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -313,21 +312,3 @@ def test_api_fuzz_never_5xx_and_errors_in_openai_shape(case, data, fuzz_core):
         assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS, body
     elif path in ("/v1/completions", "/v1/chat/completions") and not text.startswith("data: "):
         assert response.json()["usage"]["completion_tokens"] <= FUZZ_MAX_TOKENS
-
-
-# -- `lorafleet bench router` on a small spec ---------------------------------------------------------
-def test_router_bench_runs_and_writes_json(tiny_model_dir, tmp_path):
-    from lorafleet.router.bench import RouterBenchSpec, run_router_bench
-
-    spec = RouterBenchSpec(num_adapters=500, num_replicas=8, num_lookups=200, micro_repeats=2, num_requests=5,
-                           num_warmup=2)
-    result = run_router_bench(tiny_model_dir, spec=spec, work_dir=tmp_path / "work", out_dir=tmp_path / "out",
-                              command="test")
-    saved = json.loads(Path(result["path"]).read_text())
-    assert saved["kind"] == "router" and saved["spec"]["num_adapters"] == 500
-    assert [r["key"] for r in saved["routing"]] == ["sample", "sample_unknown", "choose", "request_router",
-                                             "request_router_fresh"]
-    assert all(r["us_per_call"] > 0 for r in saved["routing"])
-    assert [r["key"] for r in saved["http"]] == ["engine", "asgi", "http"]
-    assert all(r["num_requests"] == 5 and r["p99_ms"] >= r["p50_ms"] > 0 for r in saved["http"])
-    assert set(saved["goals"]) >= {"lookup_sample_us", "lookup_sample_met", "http_overhead_p50_ms"}

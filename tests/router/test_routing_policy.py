@@ -281,6 +281,20 @@ def test_table_cache_picks_up_a_new_version_after_refresh_s(redis_prefix):
     assert cache.get() is table  # the same object until the version changes
 
 
+def test_the_first_request_after_a_quiet_spell_sees_a_table_published_meanwhile(redis_prefix):
+    client, prefix = redis_prefix
+    store = RoutingTableStore(client, prefix)
+    cache = TableCache(REDIS_URL, prefix, refresh_s=0.05)
+    try:
+        assert cache.get() is None   # the first request starts the poller
+        published = store.publish(table_v(1))
+        time.sleep(0.5)   # no request meanwhile
+        table = cache.get()
+        assert table is not None and table.version == published.version
+    finally:
+        cache.close()
+
+
 def test_table_cache_survives_a_bad_table(redis_prefix):
     client, prefix = redis_prefix
     store = RoutingTableStore(client, prefix)

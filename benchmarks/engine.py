@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
-import platform
 import random
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
-from lorafleet.replicas.bench_report import print_report
 from lorafleet.replicas.engine import Engine
 from lorafleet.replicas.sampling_params import SamplingParams
 from lorafleet.replicas.weights import ModelConfig
@@ -162,17 +158,15 @@ def flops_per_token(config: ModelConfig) -> float:
 
 def run_engine_bench(model_dir: str | Path | None = None, *, quick: bool = False, spec: BenchSpec | None = None,
                      preset: str = "small", device: str = "cpu", dtype: str = "float32",
-                     work_dir: str | Path = ".lorafleet/bench-engine", out_dir: str | Path = "benchmarks/results",
-                     num_threads: int | None = None, baselines: bool = True, repeats: int | None = None,
-                     command: str = "") -> dict:
+                     work_dir: str | Path = ".lorafleet/bench-engine", baselines: bool = True,
+                     repeats: int | None = None) -> dict:
     """Run the workload for base, each adapter count (rank spec.rank) and mixed ranks, then the baselines;
     every run `repeats` times, interleaved (a shared machine drifts), reporting each run's median.
-    Prints a table, writes benchmarks/results/engine-<timestamp>.json and returns the result dict."""
+    Returns plain data (the caller writes it with benchmarks.results.write_result and prints the table);
+    runs on torch's current CPU threads."""
     from lorafleet.replicas.checkpoint import make_model
 
     spec = spec or PRESETS["quick" if quick else "full"]
-    if num_threads:
-        torch.set_num_threads(num_threads)
     work_dir = Path(work_dir)
     if model_dir is None:
         model_dir = work_dir / f"model-{preset}"
@@ -225,19 +219,11 @@ def run_engine_bench(model_dir: str | Path | None = None, *, quick: bool = False
     engine.close()
     if baselines:
         swap.close()
-    result = {
-        "kind": "engine", "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "command": command,
-        "hardware": _hardware(device), "model": str(model_dir), "dtype": dtype, "spec": asdict(spec),
+    return {
+        "model": str(model_dir), "device": device, "dtype": dtype, "spec": asdict(spec),
         "adapter_load_s": load_s, "num_adapters_loaded": len(paths), "repeats": repeats, "runs": results,
         "goals": _goals(results, spec),
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"engine-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    result["path"] = str(path)
-    print_report(result)
-    return result
 
 
 def _median(samples: list[dict]) -> dict:
@@ -257,10 +243,3 @@ def _goals(results: list[dict], spec: BenchSpec) -> dict:
             goals[key] = same / tps[name]
     return goals
 
-
-def _hardware(device: str) -> dict:
-    info = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return info

@@ -26,7 +26,8 @@ def _mixed_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
 
 
 def _title(result: dict[str, Any]) -> str:
-    return (f"{result['device']} · {result['dtype']} · backend {result['backend']} · torch {result['torch']}"
+    torch_version = result.get("hardware", {}).get("torch", "-")  # the header write_result adds
+    return (f"{result['device']} · {result['dtype']} · backend {result['backend']} · torch {torch_version}"
             f" · {result['statistic']} of {result['repeats']}")
 
 
@@ -64,7 +65,7 @@ def format_markdown(result: dict[str, Any]) -> str:
     """Both tables as markdown, headed by device, dtype and backend (for benchmarks/RESULTS.md)."""
     ranks = result["mixed_ranks"]
     return "\n\n".join([
-        f"{_title(result)}, {result['date']}",
+        f"{_title(result)}, {result.get('date', '-')}",
         _markdown(GRID_COLUMNS, _grid_rows(result)),
         f"Mixed ranks {ranks[0]}/{ranks[1]} (half each) vs the same batch padded to {max(ranks)}:",
         _markdown(MIXED_COLUMNS, _mixed_rows(result)),

@@ -4,15 +4,11 @@ latency over the engine's own for 1-token requests (`lorafleet bench router`).""
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import platform
 import random
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -20,9 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from lorafleet.kernels.timing import bench
-from lorafleet.loadtests.workload import adapter_ids, zipf_popularity
+from lorafleet.benchmarks.timing import bench
 from lorafleet.placement.routing_table import RoutingTable
+from lorafleet.placement.workload import adapter_ids, zipf_popularity
 from lorafleet.router.routing_policy import RankAwarePolicy, ReplicaView
 
 BASE = "bench-base"
@@ -51,7 +47,6 @@ PRESETS: dict[str, RouterBenchSpec] = {
     "full": RouterBenchSpec(),
     "quick": RouterBenchSpec(num_lookups=5_000, micro_repeats=5, num_requests=60, num_warmup=10),
 }
-
 
 
 def make_table(spec: RouterBenchSpec) -> RoutingTable:
@@ -131,6 +126,7 @@ async def _measure(app: Any, replica: Any, spec: RouterBenchSpec) -> dict[str, l
     import httpx
     import uvicorn
 
+    from lorafleet.infra.replica_api import GenerateRequest, StreamError
     from lorafleet.router.schemas import new_id
 
     # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on such sockets' connections; without it Nagle
@@ -146,15 +142,16 @@ async def _measure(app: Any, replica: Any, spec: RouterBenchSpec) -> dict[str, l
         await asyncio.sleep(0.01)
     loop = asyncio.get_running_loop()
     body = {"model": ADAPTER, "prompt": spec.prompt, "max_tokens": 1, "temperature": 0.0}
-    # What RouterCore sends the replica for `body` (the engine path skips only the router).
-    request = {"adapter_id": ADAPTER, "max_tokens": 1, "temperature": 0.0, "top_p": 1.0, "seed": None, "stop": [],
-               "prompt": spec.prompt}
+
+    def request() -> GenerateRequest:  # what RouterCore sends the replica for `body` (the engine path skips the router)
+        return GenerateRequest(request_id=new_id("req"), adapter_id=ADAPTER, prompt=spec.prompt, max_tokens=1,
+                               temperature=0.0)
 
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bench") as asgi:
         async def engine_once() -> float:
             began = time.perf_counter()
-            items = [item async for item in replica.generate(request | {"request_id": new_id("req")})]
-            assert items and "error" not in items[-1], items
+            items = [item async for item in replica.generate(request())]
+            assert items and not isinstance(items[-1], StreamError), items
             return time.perf_counter() - began
 
         async def asgi_once() -> float:
@@ -192,11 +189,12 @@ async def _measure(app: Any, replica: Any, spec: RouterBenchSpec) -> dict[str, l
 
 def http_overhead(spec: RouterBenchSpec, model_dir: Path, adapter_dir: Path) -> list[dict]:
     from lorafleet.replicas.deployment import ReplicaServer
+    from lorafleet.replicas.engine import Engine
     from lorafleet.router.app import create_app
     from lorafleet.router.core import InProcessBackend, RouterConfig, RouterCore
 
-    replica = ReplicaServer(str(model_dir), use_store=False, engine_kwargs={
-        "max_num_seqs": 8, "kv_cache_bytes": 16 << 20, "kernel_backend": "torch", "max_model_len": 256})
+    replica = ReplicaServer(Engine.from_pretrained(model_dir, max_num_seqs=8, kv_cache_bytes=16 << 20,
+                                                   kernel_backend="torch", max_model_len=256))
     replica.engine.load_adapter(ADAPTER, adapter_dir)
     core = RouterCore(InProcessBackend(replica), RouterConfig(base_model_name=BASE))
     try:
@@ -253,32 +251,18 @@ def _assets(work_dir: Path, model_dir: Path | None) -> tuple[Path, Path]:
 
 
 def run_router_bench(model_dir: str | Path | None = None, *, quick: bool = False, spec: RouterBenchSpec | None = None,
-                     work_dir: str | Path = ".lorafleet/bench-router", out_dir: str | Path = "benchmarks/results",
-                     command: str = "") -> dict:
-    """Both measurements; prints the tables, writes benchmarks/results/router-<timestamp>.json, returns the dict."""
+                     work_dir: str | Path = ".lorafleet/bench-router") -> dict:
+    """Both measurements as plain data (the caller writes it with benchmarks.results.write_result and prints
+    it with print_report). Runs on torch's current threads: `lorafleet bench router` sets 1 (the tiny model
+    gains nothing from more; fewer spinning threads give steadier times)."""
     spec = spec or PRESETS["quick" if quick else "full"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # the tiny model gains nothing from more; fewer spinning threads, steadier times
-    try:
-        model, adapter = _assets(Path(work_dir), Path(model_dir) if model_dir else None)
-        routing = routing_micro(spec)
-        http = http_overhead(spec, model, adapter)
-    finally:
-        torch.set_num_threads(threads)
+    model, adapter = _assets(Path(work_dir), Path(model_dir) if model_dir else None)
+    routing = routing_micro(spec)
+    http = http_overhead(spec, model, adapter)
     sample_us = next(r["us_per_call"] for r in routing if r["key"] == "sample")
     over = next(r for r in http if r["key"] == "http")
     goals = {"lookup_sample_us": round(sample_us, 3), "lookup_sample_met": sample_us <= LOOKUP_GOAL_US,
              "http_overhead_p50_ms": round(over["overhead_p50_ms"], 3),
              "http_overhead_p50_met": over["overhead_p50_ms"] <= OVERHEAD_P50_GOAL_MS,
              "http_overhead_p99_ms": round(over["overhead_p99_ms"], 3)}
-    result = {"kind": "router", "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "command": command,
-              "hardware": {"cpu": platform.processor() or platform.machine(), "num_cpus": os.cpu_count(),
-                           "python": platform.python_version(), "torch_threads": 1},
-              "model": str(model), "spec": asdict(spec), "routing": routing, "http": http, "goals": goals}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"router-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    result["path"] = str(path)
-    print_report(result)
-    return result
+    return {"model": str(model), "spec": asdict(spec), "routing": routing, "http": http, "goals": goals}

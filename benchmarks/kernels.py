@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
-import json
 import os
 import platform
 from collections.abc import Callable, Sequence
@@ -13,10 +10,10 @@ from typing import Any
 
 import torch
 
-from .ops import flora_linear, lora_bmm, lora_delta, select_backend
-from .plan import plan_adapter_batch
-from .synthetic import AdapterBatch, make_adapter_batch, pad_to_rank
-from .timing import bench, statistic
+from lorafleet.benchmarks.timing import bench, statistic
+from lorafleet.kernels.ops import flora_linear, lora_bmm, lora_delta, select_backend
+from lorafleet.kernels.plan import plan_adapter_batch
+from lorafleet.kernels.synthetic import SyntheticAdapters, make_adapter_batch, pad_to_rank
 
 SHAPES: dict[str, tuple[int, int]] = {"tiny": (64, 64), "4096x4096": (4096, 4096), "4096x11008": (4096, 11008)}
 TOKEN_COUNTS = (1, 16, 64, 256)
@@ -31,14 +28,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "full": {"shapes": tuple(SHAPES), "token_counts": TOKEN_COUNTS, "ranks": RANKS, "repeats": 20, "warmup": 3},
     "quick": {"shapes": tuple(SHAPES), "token_counts": (1, 16), "ranks": (1, 4, 16), "repeats": 7, "warmup": 1},
 }
-RESULTS_DIR = Path("benchmarks/results")
 
 
-def _linear(batch: AdapterBatch, y: torch.Tensor) -> torch.Tensor:
+def _linear(batch: SyntheticAdapters, y: torch.Tensor) -> torch.Tensor:
     return torch.matmul(batch.x, batch.weight.T, out=y)
 
 
-def _ops(batch: AdapterBatch, device: torch.device) -> dict[str, Callable[[], object]]:
+def _ops(batch: SyntheticAdapters, device: torch.device) -> dict[str, Callable[[], object]]:
     """The timed calls; the plan is built once outside them, as the engine does once per step."""
     plan = plan_adapter_batch(batch.token_start, batch.token_rank, batch.token_scale, device=device)
     args = (batch.x, batch.in_rows, batch.out_rows)
@@ -53,7 +49,7 @@ def _ops(batch: AdapterBatch, device: torch.device) -> dict[str, Callable[[], ob
     }
 
 
-def _bytes(batch: AdapterBatch) -> tuple[int, int]:
+def _bytes(batch: SyntheticAdapters) -> tuple[int, int]:
     """(base GEMM bytes, adapter rows actually used): the memory floor that GB/s is read against."""
     size = batch.x.element_size()
     d_out, d_in = batch.weight.shape
@@ -118,26 +114,13 @@ def run_kernel_bench(
     dtype: torch.dtype | None = None,
     repeats: int | None = None,
     quick: bool = False,
-    threads: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Time the issue-4 grid (every token its own adapter) and the mixed-rank batch; return plain data.
 
-    Defaults: the "quick" or "full" preset; CUDA if present else CPU; float16 on CUDA, float32 on CPU;
-    torch's CPU thread count unless `threads` is given (restored afterwards).
+    Defaults: the "quick" or "full" preset; CUDA if present else CPU; float16 on CUDA, float32 on CPU.
+    Runs on torch's current CPU threads (the caller sets them: `lorafleet bench kernels --threads N`).
     """
-    previous_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        return _run(shapes, token_counts, ranks, device, dtype, repeats, quick, progress)
-    finally:
-        torch.set_num_threads(previous_threads)
-
-
-def _run(shapes: Sequence[str] | None, token_counts: Sequence[int] | None, ranks: Sequence[int] | None,
-         device: torch.device | str | None, dtype: torch.dtype | None, repeats: int | None, quick: bool,
-         progress: Callable[[str], None] | None) -> dict[str, Any]:
     preset = PRESETS["quick" if quick else "full"]
     shapes = tuple(shapes or preset["shapes"])
     token_counts = tuple(token_counts or preset["token_counts"])
@@ -168,8 +151,7 @@ def _run(shapes: Sequence[str] | None, token_counts: Sequence[int] | None, ranks
         triton_version = None
     return {
         "device": device_name(device), "device_type": device.type, "dtype": str(dtype).removeprefix("torch."),
-        "backend": select_backend(device), "torch": torch.__version__, "triton": triton_version,
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "quick": quick,
+        "backend": select_backend(device), "triton": triton_version, "quick": quick,
         "repeats": timing["repeats"], "warmup": timing["warmup"], "statistic": statistic(device),
         "mixed_ranks": list(MIXED_RANKS),
         "grid": grid, "mixed": mixed,
@@ -179,49 +161,3 @@ def _run(shapes: Sequence[str] | None, token_counts: Sequence[int] | None, ranks
 
 def _load_average() -> list[float] | None:
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-
-
-def write_results(result: dict[str, Any], directory: Path | str = RESULTS_DIR) -> Path:
-    """benchmarks/results/kernels-<UTC timestamp>.json (raw results stay out of git)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    path, n = directory / f"kernels-{stamp}.json", 1
-    while path.exists():  # two runs in one second keep both files
-        path, n = directory / f"kernels-{stamp}-{n}.json", n + 1
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    return path
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """python -m lorafleet.kernels.bench [--quick]: run, print the tables, write the JSON."""
-    from .bench_report import format_markdown, print_report
-
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="small grid (CPU: ~1-2 minutes)")
-    parser.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"])
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--shapes", default=None, help=f"comma list of {','.join(SHAPES)}")
-    parser.add_argument("--tokens", default=None, help="comma list of token counts T")
-    parser.add_argument("--ranks", default=None, help="comma list of ranks")
-    parser.add_argument("--results-dir", default=str(RESULTS_DIR))
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
-    parser.add_argument("--markdown", action="store_true", help="also print markdown for RESULTS.md")
-    args = parser.parse_args(argv)
-    def ints(text: str | None) -> list[int] | None:
-        return [int(v) for v in text.split(",")] if text else None
-
-    result = run_kernel_bench(
-        shapes=args.shapes.split(",") if args.shapes else None, token_counts=ints(args.tokens),
-        ranks=ints(args.ranks), device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
-        repeats=args.repeats, quick=args.quick, threads=args.threads, progress=lambda line: print(line, flush=True))
-    print_report(result)
-    if args.markdown:
-        print(f"\n{format_markdown(result)}\n")
-    print(f"wrote {write_results(result, args.results_dir)}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,7 +1,7 @@
-"""LoadPlan: the request schedule of one load test (arrival, adapter, rank, lengths), built from workload.py.
+"""LoadPlan: the request schedule of one load test (arrival, adapter, rank, lengths), from the workload generator.
 
 The runner writes the plan to JSON and the locustfile replays it, so the trace Locust sends is exactly the
-Zipf / Poisson / lognormal workload of `loadtests/workload.py`, mapped onto the adapters a server really has.
+Zipf / Poisson / lognormal workload of `placement/workload.py`, mapped onto the adapters a server really has.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from lorafleet.infra.errors import LoRAFleetError
-from lorafleet.loadtests.workload import LengthDist, WorkloadSpec, generate
+from lorafleet.placement.workload import LengthDist, WorkloadSpec, generate
 
 # Rank classes of the report: rank-aware placement groups adapters by rank, so latency is read per class.
 RANK_CLASSES: dict[str, tuple[int, int]] = {"r1-4": (1, 4), "r8-16": (8, 16), "r32+": (32, 1 << 20)}

@@ -1,10 +1,9 @@
-"""`lorafleet bench store`: adapter fetch latency per tier (host, Redis, local dir, S3 server), cold and warm,
-and throughput with concurrent fetchers, each against a raw read of the same bytes."""
+"""Store benchmark (`lorafleet bench store`): adapter fetch latency per tier (Redis hot blobs, local dir, S3 server),
+cold and warm, and throughput with concurrent fetchers, each against a raw read of the same bytes."""
 
 from __future__ import annotations
 
 import functools
-import json
 import shutil
 import statistics
 import threading
@@ -16,13 +15,14 @@ from tempfile import TemporaryDirectory
 from typing import Any
 from urllib.parse import urlparse
 
-from lorafleet.infra import store_bench_setup as setup
+from lorafleet.benchmarks import store_setup as setup
 from lorafleet.infra.object_store import LocalDirObjectStore, S3ObjectStore, blob_key
 from lorafleet.infra.redis_conn import connect
 from lorafleet.infra.store import AdapterStore
+from lorafleet.infra.store_source import StoreSource
 from lorafleet.infra.version_record import BUNDLE_FILES, VersionRecord
 
-BIG = 4 * 2**30  # host / hot cache budget that holds every benchmark adapter
+BIG = 4 * 2**30  # hot cache budget and size limit that hold every benchmark adapter
 
 
 def timed(fn: Callable[[], object], repeats: int, before: Callable[[], object] | None = None) -> list[float]:
@@ -124,28 +124,22 @@ class _Bench:
         shas = [record.files[f][0] for f in BUNDLE_FILES]
         blob_paths = [self.local_root / blob_key(sha) for sha in shas]
         read_files = lambda: [p.read_bytes() for p in blob_paths]  # noqa: E731
-        # host: an engine asking again for what this process already holds (no Redis round trip while subscribed)
-        with self.store("local", hot=True).source(BIG) as src:
-            src.events.wait_live()
-            src.fetch(name)
-            # no raw read to compare with: a host hit hands back the bytes it holds, without a copy
-            self.rows.append(_row("host", name, "warm", n, self.median(lambda: src.fetch(name)), None, "-"))
         # Redis hot blobs: registry lookup + pipelined GETs + sha256 check; cold = a new connection
         hot = self.store("local", hot=True)
         keys = [hot.hot.blob_prefix + sha for sha in shas]
         state: dict = {}
-        with hot.source(0, subscribe=False) as src:
+        with StoreSource(hot) as src:
             src.fetch(name)  # the blobs are hot from here on
             raw = self.median(lambda: self.redis.mget(keys))
             self.rows.append(_row("redis", name, "warm", n, self.median(lambda: src.fetch(name)), raw, "redis-py MGET"))
         cold = self.median(lambda: state["src"].fetch(name),
-                           before=lambda: state.update(src=self.store("local", hot=True, fresh_connections=True)
-                                                       .source(0, subscribe=False)))
+                           before=lambda: state.update(src=StoreSource(self.store("local", hot=True,
+                                                                                    fresh_connections=True))))
         has_cli = shutil.which("redis-cli") is not None
         cli = self.median(lambda: setup.redis_cli_get(self.redis_host, self.redis_port, keys)) if has_cli else None
         self.rows.append(_row("redis", name, "cold", n, cold, cli, "redis-cli GET" if has_cli else "no redis-cli"))
         # local directory: registry lookup + file reads + sha256 check; cold = evicted from the page cache
-        with self.store("local", hot=False).source(0, subscribe=False) as src:
+        with StoreSource(self.store("local", hot=False)) as src:
             evict = lambda: setup.drop_page_cache(blob_paths)  # noqa: E731
             cold, raw_cold = self.median(lambda: src.fetch(name), evict), self.median(read_files, evict)
             self.rows.append(_row("local dir", name, "cold", n, cold, raw_cold, "file read"))
@@ -153,18 +147,18 @@ class _Bench:
             self.rows.append(_row("local dir", name, "warm", n, warm, raw_warm, "file read"))
         # S3 server: registry lookup + GetObject + sha256 check; cold = new client and connections
         cold = self.median(lambda: state["src"].fetch(name),
-                           before=lambda: state.update(src=self.store("s3", hot=False, fresh_connections=True)
-                                                       .source(0, subscribe=False)))
+                           before=lambda: state.update(src=StoreSource(self.store("s3", hot=False,
+                                                                                    fresh_connections=True))))
         raw_cold = self.median(lambda: self.raw_s3(state["client"], shas),
                                before=lambda: state.update(client=setup.s3_client(self.s3_endpoint)))
         self.rows.append(_row("s3 server", name, "cold", n, cold, raw_cold, "boto3 GetObject"))
-        with self.store("s3", hot=False).source(0, subscribe=False) as src:
+        with StoreSource(self.store("s3", hot=False)) as src:
             src.fetch(name)
             warm, raw_warm = self.median(lambda: src.fetch(name)), self.median(lambda: self.raw_s3(self._s3, shas))
             self.rows.append(_row("s3 server", name, "warm", n, warm, raw_warm, "boto3 GetObject"))
 
     def throughput(self, name: str, record: VersionRecord, num_fetchers: int, rounds: int) -> None:
-        """num_fetchers replicas (own source, no host tier) fetch the same adapter `rounds` times each."""
+        """num_fetchers replicas (a StoreSource each) fetch the same adapter `rounds` times each."""
         n = record.num_bytes * num_fetchers * rounds
         shas = [record.files[f][0] for f in BUNDLE_FILES]
         blob_paths = [self.local_root / blob_key(sha) for sha in shas]
@@ -175,26 +169,26 @@ class _Bench:
             "s3 server": (self.store("s3", hot=False), lambda: self.raw_s3(self._s3, shas), "boto3 GetObject"),
         }
         for tier, (store, raw_read, raw_name) in tiers.items():
-            sources = [store.source(0, subscribe=False) for _ in range(num_fetchers)]
+            sources = [StoreSource(store) for _ in range(num_fetchers)]
             seconds = concurrently([functools.partial(_repeat, s.fetch, rounds, name) for s in sources])
             raw = concurrently([lambda: _repeat(raw_read, rounds)] * num_fetchers)
             self.rows.append(_row(tier, name, f"{num_fetchers} fetchers x {rounds}", n, seconds, raw, raw_name))
         # single-flight: num_fetchers threads of one replica asking for an adapter it lacks -> one S3 fetch
-        with self.store("s3", hot=False).source(BIG, subscribe=False) as src:
+        with StoreSource(self.store("s3", hot=False)) as src:
             seconds = concurrently([lambda: src.fetch(name)] * num_fetchers)
             num_fetches = src.metrics.snapshot()["hits"]["object_store"]
-        with self.store("s3", hot=False).source(BIG, subscribe=False) as one:
-            single = self.median(lambda: (one.invalidate(name), one.fetch(name)))
+        with StoreSource(self.store("s3", hot=False)) as one:   # holds no copies: every fetch reads S3
+            single = self.median(lambda: one.fetch(name))
         self.rows.append(_row("s3 single-flight", name, f"{num_fetchers} waiters -> {num_fetches} fetch",
                               record.num_bytes, seconds, single, "1 fetch alone", num_object_store_fetches=num_fetches))
 
 
 def run_store_bench(
     presets: list[str] | None = None, *, repeats: int = 5, num_fetchers: int = 32, rounds: int = 2,
-    redis_url: str | None = None, s3_endpoint: str | None = None, out_dir: str | Path = "benchmarks/results",
-    work_dir: str | Path | None = None, print_table: bool = True,
+    redis_url: str | None = None, s3_endpoint: str | None = None, work_dir: str | Path | None = None,
 ) -> dict:
-    """Run the store benchmark; prints a rich table, writes `out_dir/store-<timestamp>.json`, returns the results."""
+    """Run the store benchmark; return plain data (the caller writes it with benchmarks.results.write_result
+    and prints it with print_results)."""
     from lorafleet.infra.config import load_settings
 
     presets = presets or ["r8-qkvo", "r64-all"]
@@ -204,7 +198,6 @@ def run_store_bench(
     redis_url = redis_url or load_settings().redis_url
     server = None if s3_endpoint else setup.MotoServerProcess().start()
     endpoint = s3_endpoint if server is None else server.endpoint
-    started = time.time()
     try:
         # work_dir: where the local object store lives (a real disk: cold reads must come from it)
         with TemporaryDirectory(prefix="lorafleet-bench-store-", dir=work_dir) as tmp:
@@ -222,22 +215,12 @@ def run_store_bench(
     finally:
         if server is not None:
             server.stop()
-    results = {
-        "benchmark": "store", "date": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
-        "reference_mb_s": _reference_speeds(),
-        "hardware": setup.hardware(), "redis_url": redis_url, "s3": s3_endpoint or "local moto_server",
+    return {
+        "reference_mb_s": _reference_speeds(), "redis_url": redis_url, "s3": s3_endpoint or "local moto_server",
         "repeats": repeats, "num_fetchers": num_fetchers, "rounds": rounds,
         "adapters": {p: {"rank": setup.PRESETS[p].rank, "targets": list(setup.PRESETS[p].targets)} for p in presets},
         "rows": bench.rows,
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"store-{time.strftime('%Y%m%d-%H%M%S', time.localtime(started))}.json"
-    path.write_text(json.dumps(results, indent=1))
-    results["path"] = str(path)
-    if print_table:
-        print_results(results)
-    return results
 
 
 def _reference_speeds(num_bytes: int = 64 * 2**20) -> dict[str, float]:
@@ -254,7 +237,8 @@ def print_results(results: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"adapter store fetch ({results['hardware']['cpu']}, {results['date']})")
+    hardware = results.get("hardware", {})   # the header write_result adds
+    table = Table(title=f"adapter store fetch ({hardware.get('cpu', '-')}, {results.get('date', '-')})")
     for name in ("tier", "adapter", "MiB", "state", "p50 ms", "MB/s", "raw MB/s", "ratio", "raw read"):
         table.add_column(name, justify="left" if name in ("tier", "adapter", "state", "raw read") else "right")
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
@@ -265,5 +249,4 @@ def print_results(results: dict) -> None:
     console.width = max(console.width, 150)  # the table is wide; wrapping cells would garble it in a pipe
     console.print(table)
     ref = results["reference_mb_s"]
-    console.print(f"this machine: sha256 {ref['sha256']:.0f} MB/s, memcpy {ref['memcpy']:.0f} MB/s; "
-                  f"raw results: {results['path']}")
+    console.print(f"this machine: sha256 {ref['sha256']:.0f} MB/s, memcpy {ref['memcpy']:.0f} MB/s")

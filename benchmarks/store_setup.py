@@ -1,4 +1,4 @@
-"""What `lorafleet bench store` measures with: Llama-7B-shaped adapters, a local S3 server, raw readers."""
+"""What the store benchmark measures with: Llama-7B-shaped adapters, a local S3 server, raw readers."""
 
 from __future__ import annotations
 
@@ -129,15 +129,3 @@ def redis_cli_get(host: str, port: int, keys: list[str]) -> None:
         subprocess.run(["redis-cli", "-h", host, "-p", str(port), "--raw", "GET", key], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-
-def hardware() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cpu": cpu, "num_cpus": os.cpu_count(), "mem_gib": round(mem_gib, 1), "python": sys.version.split()[0]}

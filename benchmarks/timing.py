@@ -1,4 +1,4 @@
-"""The one timing helper for kernel benchmarks: warm-up, L2 flush, device sync, interleaved repeats."""
+"""The one timing helper of the benchmarks: warm-up, L2 flush, device sync, interleaved repeats."""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""A local demo app to load-test (tiny model, 20 demo adapters), in this process, with a chosen routing policy."""
+"""A local demo app to load-test (tiny model, 20 demo adapters), in this process, with a chosen routing policy.
+
+`lorafleet loadtest --policy-compare` / `--sweep` without --host hand `local_demo` to the load-test runner
+(loadtests/ knows nothing of the cluster). The demo adapters' ids carry their ranks (`-r16`, `ia3`), so the
+load-test report reads every rank class from the ids.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lorafleet.cluster.demo import DEMO_ADAPTERS
-
-DEMO_RANKS: dict[str, int] = {adapter_id: rank for adapter_id, _, rank, _ in DEMO_ADAPTERS}
-
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -20,9 +21,9 @@ def free_port() -> int:
 
 
 def delete_prefix(redis_url: str, prefix: str) -> None:
-    import redis
+    from lorafleet.infra.redis_conn import connect
 
-    client = redis.Redis.from_url(redis_url)
+    client = connect(redis_url)
     for key in client.scan_iter(f"{prefix}:*", count=1000):
         client.delete(key)
 

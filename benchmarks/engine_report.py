@@ -28,9 +28,10 @@ def rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
 
 
 def title(result: dict[str, Any]) -> str:
-    hw, spec = result["hardware"], result["spec"]
-    where = hw.get("gpu") or f"{hw['cpu']}, {hw['threads']} torch threads"
-    return (f"Engine: {where} · {result['dtype']} · torch {hw['torch']} · {spec['num_requests']} requests x "
+    hw, spec = result.get("hardware", {}), result["spec"]   # hardware: the header write_result adds
+    where = (hw.get("gpu") if result["device"].startswith("cuda") else None) or \
+        f"{hw.get('cpu', 'cpu')}, {hw.get('torch_threads', '?')} torch threads"
+    return (f"Engine: {where} · {result['dtype']} · torch {hw.get('torch', '-')} · {spec['num_requests']} requests x "
             f"({spec['prompt_tokens']} prompt + {spec['output_tokens']} output) tokens · max_num_seqs "
             f"{spec['max_num_seqs']} · LoRA targets {','.join(spec['targets'])}")
 
@@ -50,7 +51,7 @@ def goals_line(result: dict[str, Any]) -> str:
 def format_markdown(result: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in rows(result)]
-    return "\n".join([f"{title(result)}, {result['date']}", "", *lines, "", goals_line(result)])
+    return "\n".join([f"{title(result)}, {result.get('date', '-')}", "", *lines, "", goals_line(result)])
 
 
 def print_report(result: dict[str, Any]) -> None:
@@ -69,4 +70,3 @@ def print_report(result: dict[str, Any]) -> None:
     console = Console(width=max(150, Console().width))
     console.print(table)
     console.print(goals_line(result))
-    console.print(f"raw results: {result.get('path', '')}")
