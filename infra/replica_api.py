@@ -107,7 +107,7 @@ class StreamError:
 StreamItem = StreamChunk | StreamError
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)   # not frozen: built per replica per report on the routing path, and frozen init costs 4x
 class RoutingStats:
     """What a replica reports to the RequestRouter about once a second (Serve carries it as a dict)."""
 
@@ -123,24 +123,25 @@ class RoutingStats:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> RoutingStats:
-        """Stats from Serve's dict; empty (a replica that has not reported yet) or malformed fields read as unknown."""
-        data = data or {}
+        """Stats from Serve's dict; empty (a replica that has not reported yet) or malformed fields read as unknown.
+        On the routing path once per replica per report: kept to a few type checks."""
+        if not data:
+            return _UNKNOWN
         rank = data.get("rank")
         resident = data.get("resident_adapters", ())
-        return cls(
-            rank=rank if isinstance(rank, int) and not isinstance(rank, bool) else None,
-            queue_len=_count(data.get("queue_len")),
-            num_inflight=_count(data.get("num_inflight")),
-            resident_adapters=tuple(a for a in resident if isinstance(a, str)) if isinstance(resident, list | tuple)
-            else (),
-            tokens_per_s=_number(data.get("tokens_per_s")),
-            kv_used=_number(data.get("kv_used")),
-        )
+        if type(resident) not in (list, tuple) or not all(type(a) is str for a in resident):
+            resident = () if type(resident) not in (list, tuple) else [a for a in resident if type(a) is str]
+        return cls(rank if type(rank) is int else None, _count(data.get("queue_len")),
+                   _count(data.get("num_inflight")), tuple(resident), _number(data.get("tokens_per_s")),
+                   _number(data.get("kv_used")))
+
+
+_UNKNOWN = RoutingStats(rank=None)
 
 
 def _count(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+    return value if type(value) is int and value >= 0 else 0
 
 
 def _number(value: object) -> float:
-    return float(value) if isinstance(value, int | float) and math.isfinite(value) else 0.0
+    return float(value) if type(value) in (int, float) and math.isfinite(value) else 0.0
