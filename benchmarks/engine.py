@@ -169,9 +169,14 @@ def run_engine_bench(model_dir: str | Path | None = None, *, quick: bool = False
     spec = spec or PRESETS["quick" if quick else "full"]
     work_dir = Path(work_dir)
     if model_dir is None:
-        model_dir = work_dir / f"model-{preset}"
-        if not (model_dir / "config.json").is_file():
-            make_model(model_dir, preset, seed=0)
+        from lorafleet.replicas.pretrained import PRETRAINED, ensure
+
+        if preset in PRETRAINED:   # a real model: dequantized once into the shared cache
+            model_dir = ensure(preset)
+        else:
+            model_dir = work_dir / f"model-{preset}"
+            if not (model_dir / "config.json").is_file():
+                make_model(model_dir, preset, seed=0)
     model_dir = Path(model_dir)
     top = max(spec.adapter_counts)
     runs: list[tuple[str, tuple[int, ...] | None, int]] = [("base model", None, 1)]

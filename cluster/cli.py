@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "lorafleet.cluster.cli_placement",
     "lorafleet.cluster.cli_serve",
     "lorafleet.cluster.cli_loadtest",
+    "lorafleet.cluster.cli_train",
     "lorafleet.cluster.demo",
 )
 

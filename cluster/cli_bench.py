@@ -108,7 +108,8 @@ def engine_cmd(
     ctx: typer.Context,
     quick: bool = typer.Option(False, "--quick", help="Short workload (a few minutes on a CPU)."),
     model_dir: Path | None = typer.Option(None, help="Model directory (default: make the --preset model)."),
-    preset: str = typer.Option("small", help="Model preset to make when no --model-dir is given (small, tiny)."),
+    preset: str = typer.Option("small", "--model", "--preset", help="Model when no --model-dir is given: a random "
+                               "preset (small, tiny) or a real one (smollm2-135m, dequantized once and cached)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     dtype: str = typer.Option("float32", help="float16, bfloat16 or float32."),
     num_requests: int | None = typer.Option(None, min=1, help="Requests of the workload (default: the preset's)."),

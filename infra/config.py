@@ -38,9 +38,10 @@ class Settings(BaseSettings):
     max_rank: int = Field(default=128, ge=1, le=4096)
     max_adapter_bytes: int = Field(default=1 * 2**30, ge=1)
     # model / engine
-    model_dir: str = "./.lorafleet/models/tiny"
+    model_dir: str = "./.lorafleet/models/smollm2-135m"   # what `make demo` / `lorafleet make-model` writes
     base_model_name: str = "base"
     max_adapters: int = Field(default=64, ge=1)
+    adapter_pool_rows: int | None = Field(default=None, ge=1)   # adapter device rows; None: max_adapters x max_rank
     max_num_seqs: int = Field(default=64, ge=1)
     max_batched_tokens: int = Field(default=2048, ge=1)
     kv_cache_bytes: int = Field(default=256 * 2**20, ge=1)

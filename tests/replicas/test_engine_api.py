@@ -67,10 +67,11 @@ def test_engine_config_comes_from_settings_by_the_same_field_names():
 
     shared = {f.name for f in fields(EngineConfig)} & set(Settings.model_fields)
     assert shared == {"device", "dtype", "max_num_seqs", "max_batched_tokens", "kv_cache_bytes", "kv_block_size",
-                      "max_adapters", "max_rank", "max_adapter_bytes", "host_cache_max_bytes", "adapter_resync_s"}
+                      "max_adapters", "max_rank", "max_adapter_bytes", "host_cache_max_bytes", "adapter_resync_s",
+                      "adapter_pool_rows"}
     settings = load_settings(max_num_seqs=3, max_batched_tokens=96, kv_cache_bytes=1 << 20, kv_block_size=8,
                              max_adapters=5, max_rank=32, max_adapter_bytes=1 << 20, host_cache_max_bytes=7,
-                             adapter_resync_s=2.5, dtype="bfloat16")
+                             adapter_resync_s=2.5, dtype="bfloat16", adapter_pool_rows=40)
     config = EngineConfig.from_settings(settings, kernel_backend="torch")
     assert all(getattr(config, name) == getattr(settings, name) for name in shared)
     assert config.kernel_backend == "torch"
