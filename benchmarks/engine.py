@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from lorafleet.benchmarks import engine_vllm
+from lorafleet.benchmarks.engine_profile import profile_decode
 from lorafleet.replicas.engine import Engine
 from lorafleet.replicas.sampling_params import SamplingParams
 from lorafleet.replicas.weights import ModelConfig
@@ -33,6 +35,7 @@ class BenchSpec:
     targets: tuple[str, ...] = ("q_proj", "v_proj")   # PEFT's default LoRA targets for Llama
     max_num_seqs: int = 64
     baseline_adapters: int = 64                        # N of the HF PEFT and swap-per-batch baselines
+    vllm_max_lora_ranks: tuple[int, ...] = (64, 8)     # one vLLM engine each, when vllm imports
     seed: int = 0
 
 
@@ -46,6 +49,7 @@ Request = tuple[list[int], str | None]
 SWAP = "baseline: ours, one adapter per batch"
 HF_PEFT = "baseline: HF PEFT adapter_names="
 SAME = "ours on the baselines' workload"
+FP32_BASE = "base model, float32"
 
 
 def adapter_id(rank: int, index: int) -> str:
@@ -79,15 +83,16 @@ def make_assets(work_dir: Path, model_dir: Path, needed: set[str], targets: tupl
 
 
 def _summary(name: str, requests: list[Request], outs, wall_s: float, t0: float, spec: BenchSpec,
-             flops_per_token: float) -> dict:
+             flops_per_token: float, cpu_s: float) -> dict:
     ttft = [o.metrics.first_token_time - t0 for o in outs]
     tpot = [(o.metrics.finish_time - o.metrics.first_token_time) / max(1, len(o.token_ids) - 1) for o in outs]
     assert all(len(o.token_ids) == spec.output_tokens for o in outs), "every request must generate output_tokens"
     num_out = sum(len(o.token_ids) for o in outs)
     num_total = num_out + sum(len(p) for p, _ in requests)
     return {
-        "name": name, "num_adapters": len({a for _, a in requests if a}), "wall_s": wall_s,
-        "output_tokens_per_s": num_out / wall_s, "total_tokens_per_s": num_total / wall_s,
+        "name": name, "num_adapters": len({a for _, a in requests if a}), "wall_s": wall_s, "cpu_s": cpu_s,
+        "output_tokens_per_s": num_out / wall_s, "output_tokens_per_cpu_s": num_out / cpu_s,
+        "total_tokens_per_s": num_total / wall_s,
         "ttft_mean_s": statistics.mean(ttft), "ttft_p95_s": sorted(ttft)[int(0.95 * (len(ttft) - 1))],
         "tpot_mean_ms": 1e3 * statistics.mean(tpot), "gflops": flops_per_token * num_total / wall_s / 1e9,
     }
@@ -95,9 +100,10 @@ def _summary(name: str, requests: list[Request], outs, wall_s: float, t0: float,
 
 def run_engine(engine: Engine, name: str, requests: list[Request], spec: BenchSpec, flops_per_token: float) -> dict:
     params = SamplingParams(max_tokens=spec.output_tokens, temperature=0.0, ignore_eos=True)
-    t0 = time.monotonic()
+    t0, cpu = time.monotonic(), time.process_time()   # process CPU time: the core's neighbours left out
     outs = engine.generate([p for p, _ in requests], params, adapters=[a for _, a in requests])
-    result = _summary(name, requests, outs, time.monotonic() - t0, t0, spec, flops_per_token)
+    result = _summary(name, requests, outs, time.monotonic() - t0, t0, spec, flops_per_token,
+                      time.process_time() - cpu)
     return result | {"num_preemptions": sum(o.metrics.num_preemptions for o in outs)}
 
 
@@ -108,12 +114,13 @@ def run_swap_baseline(engine: Engine, requests: list[Request], spec: BenchSpec, 
     for i, (_, a) in enumerate(requests):
         groups.setdefault(a, []).append(i)
     outs: list = [None] * len(requests)
-    t0 = time.monotonic()
+    t0, cpu = time.monotonic(), time.process_time()
     for a, indices in groups.items():
         for i, out in zip(indices, engine.generate([requests[i][0] for i in indices], params, adapters=a),
                           strict=True):
             outs[i] = out
-    return _summary(SWAP, requests, outs, time.monotonic() - t0, t0, spec, flops_per_token)
+    return _summary(SWAP, requests, outs, time.monotonic() - t0, t0, spec, flops_per_token,
+                    time.process_time() - cpu)
 
 
 def hf_peft_model(model_dir: Path, names: list[str], paths: dict[str, Path], device: str, dtype: torch.dtype):
@@ -160,8 +167,10 @@ def run_engine_bench(model_dir: str | Path | None = None, *, quick: bool = False
                      preset: str = "small", device: str = "cpu", dtype: str = "float32",
                      work_dir: str | Path = ".lorafleet/bench-engine", baselines: bool = True,
                      repeats: int | None = None) -> dict:
-    """Run the workload for base, each adapter count (rank spec.rank) and mixed ranks, then the baselines;
-    every run `repeats` times, interleaved (a shared machine drifts), reporting each run's median.
+    """Run the workload for base, each adapter count (rank spec.rank) and mixed ranks, then the baselines (and the
+    base model in float32 when dtype is not, and vLLM's runs when vllm imports); every run `repeats` times,
+    interleaved (a shared machine drifts), reporting each run's median. On a CPU, then a decode-step profile of
+    the base model and of the most adapters (benchmarks.engine_profile).
     Returns plain data (the caller writes it with benchmarks.results.write_result and prints the table);
     runs on torch's current CPU threads."""
     from lorafleet.replicas.checkpoint import make_model
@@ -215,29 +224,72 @@ def run_engine_bench(model_dir: str | Path | None = None, *, quick: bool = False
             skipped.append({"name": HF_PEFT, "skipped": repr(exc)})
         if spec.baseline_adapters not in spec.adapter_counts:   # else that run is the same workload already
             thunks.append((SAME, lambda: run_engine(engine, SAME, baseline_load, spec, fpt)))
+    engines = [engine] + ([swap] if baselines else [])
+    if dtype != "float32":   # the same run measures what the dtype buys over float32
+        fp32 = Engine.from_pretrained(model_dir, max_adapters=1, **(common | {"dtype": "float32"}))
+        engines.append(fp32)
+        thunks.append((FP32_BASE, lambda: run_engine(fp32, FP32_BASE, loads["base model"], spec, fpt)))
+    vllm_rows, vllm_skipped = _vllm_thunks(model_dir, paths, loads, runs, spec, common, fpt)
+    thunks += vllm_rows
     repeats = repeats or (3 if spec.num_requests <= 64 else 1)
     samples: dict[str, list[dict]] = {name: [] for name, _ in thunks}
     for r in range(repeats):
         for name, thunk in thunks[r % len(thunks):] + thunks[:r % len(thunks)]:   # rotate the order
             samples[name].append(thunk())
-    results = [_median(samples[name]) for name, _ in thunks] + skipped
-    engine.close()
-    if baselines:
-        swap.close()
+    results = [_median(samples[name]) for name, _ in thunks if not name.startswith("vLLM")] + skipped
+    vllm = {"runs": [_median(samples[name]) for name, _ in vllm_rows], "skipped": vllm_skipped}
+    if vllm_rows:
+        vllm["version"] = engine_vllm.version()
+    profile = {}
+    if device == "cpu":   # where a decode step's time goes, base model and the most adapters
+        top = f"{max(spec.adapter_counts)} adapters r{spec.rank}"
+        for name in ("base model", top):
+            first = loads[name][:spec.max_num_seqs]
+            profile[name] = profile_decode(engine, [p for p, _ in first], [a for _, a in first],
+                                           max(1, spec.output_tokens - 4))
+    for e in engines:
+        e.close()
     return {
         "model": str(model_dir), "device": device, "dtype": dtype, "spec": asdict(spec),
         "adapter_load_s": load_s, "num_adapters_loaded": len(paths), "repeats": repeats, "runs": results,
-        "goals": _goals(results, spec),
+        "goals": _goals(results, spec), "vllm": vllm, "decode_profile": profile,
     }
+
+
+def _vllm_thunks(model_dir: Path, paths: dict[str, Path], loads: dict[str, list[Request]],
+                 runs: list[tuple[str, tuple[int, ...] | None, int]], spec: BenchSpec, common: dict,
+                 fpt: float) -> tuple[list[tuple[str, Callable[[], dict]]], list[str]]:
+    """vLLM's timed runs for every max_lora_rank of the spec, when vllm imports; and why any are missing."""
+    if not engine_vllm.is_available():
+        return [], ["vllm is not installed"]
+    ranks = {name: max(r) if r else 0 for name, r, _ in runs}
+    thunks, skipped = [], []
+    for max_lora_rank in spec.vllm_max_lora_ranks:
+        try:
+            runner = engine_vllm.VllmRunner(
+                model_dir, paths, max_lora_rank=max_lora_rank, max_num_seqs=spec.max_num_seqs,
+                max_batched_tokens=common["max_batched_tokens"], max_model_len=common["max_model_len"],
+                device=common["device"], dtype=common["dtype"], seed=spec.seed)
+            thunks += engine_vllm.vllm_thunks(runner, loads, ranks, spec.output_tokens, fpt)
+        except Exception as exc:   # a vLLM that cannot start must not cost the rest of the benchmark
+            skipped.append(f"max_lora_rank {max_lora_rank}: {exc!r}")
+    return thunks, skipped
 
 
 def _median(samples: list[dict]) -> dict:
     """The repeat with the median output tokens/s, with every repeat's tokens/s beside it."""
     ranked = sorted(samples, key=lambda r: r["output_tokens_per_s"])
-    return ranked[(len(ranked) - 1) // 2] | {"repeats_output_tokens_per_s": [r["output_tokens_per_s"] for r in samples]}
+    median = ranked[(len(ranked) - 1) // 2] | {
+        "repeats_output_tokens_per_s": [r["output_tokens_per_s"] for r in samples]}
+    if all("output_tokens_per_cpu_s" in r for r in samples):   # its own median (another repeat's, maybe)
+        per_cpu = [r["output_tokens_per_cpu_s"] for r in samples]
+        median |= {"repeats_output_tokens_per_cpu_s": per_cpu, "output_tokens_per_cpu_s": statistics.median(per_cpu)}
+    return median
 
 
 def _goals(results: list[dict], spec: BenchSpec) -> dict:
+    """The ratios of issue 5 (issue 18's: many adapters / base, dtype / float32, ours / vLLM come from the runs
+    in engine_report)."""
     tps: dict[str, float] = {r["name"]: r["output_tokens_per_s"] for r in results if "output_tokens_per_s" in r}
     base, one = tps["base model"], tps[f"1 adapters r{spec.rank}"]
     top = tps[f"{max(spec.adapter_counts)} adapters r{spec.rank}"]

@@ -118,6 +118,11 @@ def engine_cmd(
     baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Also run the HF PEFT and "
                                    "one-adapter-per-batch baselines."),
     threads: int | None = _threads_option(None, "1 gives steadier numbers on a shared CPU; default: torch's"),
+    engine: str = typer.Option("lorafleet", help="Engines in the table: lorafleet (plus vLLM when it imports "
+                               "here), or lorafleet,vllm: vLLM from .venv-vllm in a child process, on the same "
+                               "workloads, runs interleaved with ours; with --threads N both are pinned to N CPUs."),
+    vllm_max_lora_ranks: str | None = typer.Option(None, help="Comma-separated max_lora_rank of each vLLM engine "
+                                                   "(default: the preset's, 64,8; vLLM at 64 runs LoRA rows slowly)."),
     work_dir: Path = typer.Option(Path(".lorafleet/bench-engine"), help="Where the model and adapters are kept."),
     markdown: bool = typer.Option(False, "--markdown", help="Also print the table as markdown."),
     out_dir: Path = _out_dir_option(),
@@ -136,14 +141,38 @@ def engine_cmd(
     counts = _csv_ints(adapter_counts, "--adapter-counts")
     if counts:
         spec = replace(spec, adapter_counts=tuple(counts))
+    vllm_ranks = _csv_ints(vllm_max_lora_ranks, "--vllm-max-lora-ranks")
+    if vllm_ranks:
+        spec = replace(spec, vllm_max_lora_ranks=tuple(vllm_ranks))
+    engines = {e.strip() for e in engine.split(",") if e.strip()}
+    if "lorafleet" not in engines or engines - {"lorafleet", "vllm"}:
+        raise typer.BadParameter(f"choose lorafleet or lorafleet,vllm, got {engine!r}", param_hint="--engine")
     _set_threads(threads)
-    result = run_engine_bench(model_dir, spec=spec, preset=preset, device=device, dtype=dtype, work_dir=work_dir,
-                              baselines=baselines, repeats=repeats)
+    with _vllm_engines("vllm" in engines, threads):
+        result = run_engine_bench(model_dir, spec=spec, preset=preset, device=device, dtype=dtype,
+                                  work_dir=work_dir, baselines=baselines, repeats=repeats)
     path = write_result("engine", result, out_dir, command=reproducing_command(ctx))
     print_report(result)
     if markdown:
         typer.echo(f"\n{format_markdown(result)}\n")
     typer.echo(f"wrote {path}")
+
+
+def _vllm_engines(is_wanted: bool, threads: int | None) -> Any:
+    """vLLM's rows from the vLLM venv while open (benchmarks/vllm_engine.py); with `threads`, this process is pinned
+    to that many of its CPUs first (as taskset does) and the vLLM child to the same ones."""
+    import contextlib
+    import os
+
+    if not is_wanted:
+        return contextlib.nullcontext()
+    import torch
+
+    from lorafleet.benchmarks.vllm_engine import vllm_from_venv
+
+    if threads:
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
+    return vllm_from_venv(num_threads=torch.get_num_threads())
 
 
 @bench_app.command("router")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -35,9 +36,20 @@ def loadtest_cmd(
     chat_fraction: float = typer.Option(0.25, help="Share of requests sent to /v1/chat/completions."),
     seed: int = typer.Option(0, help="Workload seed."),
     demo_root: Path = typer.Option(Path(".lorafleet"), help="Demo assets folder for --policy-compare / --sweep."),
+    warmup: str = typer.Option("0s", help="--policy-compare: an unmeasured run first (e.g. 30s), after which "
+                                          "rank-aware rebalances from the demand it saw."),
+    engine: str = typer.Option("lorafleet", help="--sweep / --policy-compare without --host: the local demo's "
+                               "engine; vllm serves the vLLM fleet (cluster/demo_target.vllm_fleet: 2 replicas at "
+                               "rank classes 8 and 64)."),
+    vllm_max_lora_rank: int | None = typer.Option(None, help="With --engine vllm: every replica at this "
+                                                  "max_lora_rank instead of its rank class (a plain vLLM fleet)."),
+    record: bool = typer.Option(False, "--record", help="Also write the summaries through the benchmarks' result "
+                                "writer (benchmarks/results/loadtest-<UTC time>.json, for RESULTS.md)."),
 ) -> None:
     """Run Locust headless against a server, write a report folder and print an SLO table."""
-    from lorafleet.cluster.demo_target import local_demo
+    from functools import partial
+
+    from lorafleet.cluster.demo_target import local_demo, vllm_fleet
     from lorafleet.loadtests.load_plan import LoadTestError
     from lorafleet.loadtests.runner import LoadTestConfig, parse_duration, run_loadtest
     from lorafleet.loadtests.sweep import parse_rates, run_sweep
@@ -52,7 +64,18 @@ def loadtest_cmd(
         num_adapters=adapters, zipf=zipf, out_dir=out, is_policy_compare=policy_compare,
         slo_ttft_p95_s=slo_ttft_p95, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
         chat_fraction=chat_fraction, seed=seed, demo_root=demo_root, sweep_rates=sweep_rates,
-        is_stop_early=stop_early,
+        is_stop_early=stop_early, warmup_s=0.0 if warmup.strip() in ("0", "0s") else parse_duration(warmup),
     )
+    if engine not in ("lorafleet", "vllm") or (vllm_max_lora_rank is not None and engine != "vllm"):
+        raise LoadTestError("--engine is lorafleet or vllm; --vllm-max-lora-rank needs --engine vllm")
+    start_demo = local_demo if engine == "lorafleet" else partial(vllm_fleet, max_lora_rank=vllm_max_lora_rank)
     run = run_sweep if config.sweep_rates else run_loadtest
-    run(config, start_demo=local_demo)
+    summaries = run(config, start_demo=start_demo)
+    if record:
+        from lorafleet.benchmarks.results import write_result
+
+        params = {**config.params(), "engine": engine, "vllm_max_lora_rank": vllm_max_lora_rank}
+        result = {"params": params, "runs": summaries}
+        if config.sweep_rates:   # the sweep's rows and capacity answer (run_sweep's top-level summary.json)
+            result["sweep"] = json.loads((config.out_dir / "summary.json").read_text())
+        typer.echo(f"wrote {write_result('loadtest', result)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import time
@@ -45,6 +46,10 @@ def serve_app(settings: Settings, *, address: str | None = None, num_cpus: int |
             serve.shutdown()
         finally:
             if started_ray:
+                # Free this session's object refs and actor handles held only by reference cycles while the core
+                # worker is up: one collected after ray.shutdown() (from whatever thread the GC runs on) calls
+                # into the shut-down core worker, which then quick-exits the whole process.
+                gc.collect()
                 ray.shutdown()
 
 

@@ -49,10 +49,39 @@ class Settings(BaseSettings):
     dtype: str = Field(default="float32", pattern=r"^(float32|float16|bfloat16)$")
     device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
     replica_num_cpus: float = Field(default=1.0, ge=0)
+    # The engine behind every replica: LoRAFleet's own, or vLLM (README "vLLM replicas"; LoRA adapters only).
+    engine: str = Field(default="lorafleet", pattern=r"^(lorafleet|vllm)$")
+    # Interpreter of vLLM replicas (Ray runtime_env py_executable). None: the project's .venv-vllm/bin/python
+    # (`make test` builds it) when it exists, else this one; "": this interpreter (an image with vllm installed).
+    vllm_python: str | None = None
+    # Modules vLLM wraps for LoRA (PEFT names: q_proj ...); None = every linear module, so any LoRA adapter runs.
+    # Fewer is faster (vLLM computes LoRA at max_lora_rank in every wrapped module); others answer 400.
+    vllm_lora_target_modules: list[str] | None = None
+    # One max_lora_rank for every vLLM replica (as a plain vLLM deployment runs); None = each replica's rank class.
+    vllm_max_lora_rank: int | None = Field(default=None, ge=1, le=512)
     # serving
     num_replicas: int = Field(default=2, ge=1)
+    num_routers: int = Field(default=1, ge=1)   # ingress replicas; each holds its own in-flight and queue limits
+    # Replica autoscaling: off (num_replicas), queue (Serve's queue-length policy) or adapter-aware (replicas for
+    # the tokens/s each rank class needs at its operating point, and the adapters' bytes; cluster/autoscaling.py).
+    autoscaling: str = Field(default="off", pattern=r"^(off|queue|adapter-aware)$")
+    min_replicas: int = Field(default=1, ge=1)
+    max_replicas: int = Field(default=8, ge=1)
+    autoscale_target_utilization: float = Field(default=0.7, gt=0, le=1)   # of each class's operating point
+    upscale_delay_s: float = Field(default=5.0, ge=0)
+    downscale_delay_s: float = Field(default=60.0, ge=0)   # hysteresis: demand must stay low this long
+    # Custom Ray resources a replica / the ingress and controller need, to pin them to node types on a cluster,
+    # e.g. replica_resources {"lorafleet_replica": 1} on GPU workers and router_resources {"lorafleet_head": 0.01}.
+    replica_resources: dict[str, float] = {}
+    router_resources: dict[str, float] = {}
     routing_policy: str = Field(default="rank-aware", pattern=r"^(rank-aware|random|affinity)$")
     rebalance_period_s: float = Field(default=30.0, gt=0)
+    # Capacities for placement: a file written by `lorafleet profile` (an operator's measurement); None = the
+    # replica of rank 0 profiles its own engine on first start, cached in profile_dir per model, device and settings.
+    operating_points: str | None = None
+    profile_dir: str = "./.lorafleet/profiles"
+    slo_p95_ttft_s: float = Field(default=1.0, gt=0)   # the SLO placement sizes replicas for
+    slo_p95_tpot_s: float = Field(default=0.1, gt=0)
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8000, ge=1, le=65535)
     # router: auth and limits (README "Auth and limits")
@@ -82,6 +111,15 @@ class Settings(BaseSettings):
                 raise ValueError('each value must be "*" or a list of adapter ids')
         if any(not key for key in value):
             raise ValueError("API keys must be non-empty")
+        return value
+
+    @field_validator("vllm_lora_target_modules")
+    @classmethod
+    def _vllm_modules(cls, value: list[str] | None) -> list[str] | None:
+        from lorafleet.infra.base_spec import TARGET_MODULES
+
+        if value is not None and (not value or any(m not in TARGET_MODULES for m in value)):
+            raise ValueError(f"must be a non-empty list of {', '.join(TARGET_MODULES)} (or null: all of them)")
         return value
 
     @field_validator("redis_url")

@@ -30,6 +30,13 @@ class InvalidAdapterId(InvalidAdapter):
     code = "invalid_adapter_id"
 
 
+class UnsupportedAdapter(InvalidAdapter):
+    """A valid adapter this deployment's engine cannot run (a FLoRA or IA3 adapter on a vLLM replica, a rank above
+    its max_lora_rank, a module outside vllm_lora_target_modules); the message says which and why."""
+
+    code = "unsupported_adapter"
+
+
 class AdapterTooLarge(InvalidAdapter):
     """An adapter file or upload exceeds the configured byte limit."""
 

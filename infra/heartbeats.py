@@ -55,6 +55,20 @@ class ReplicaLiveness:
         return [rank for rank in range(num_replicas) if rank not in dead]
 
 
+    def beating_ranks(self) -> list[int]:
+        """Ranks with a heartbeat now (ascending): with autoscaling, how many replicas there are."""
+        try:
+            keys = list(self.redis.scan_iter(f"{self.base}*", count=1000))
+        except REDIS_DOWN_ERRORS as exc:
+            raise StoreUnavailable(f"replica heartbeats: Redis unreachable ({exc.__class__.__name__}: {exc})") from None
+        ranks = []
+        for key in keys:
+            tail = (key.decode() if isinstance(key, bytes) else key)[len(self.base):]
+            if tail.isdigit():
+                ranks.append(int(tail))
+        return sorted(ranks)
+
+
 def start_heartbeat(liveness: ReplicaLiveness, get_rank: Callable[[], int | None],
                     get_info: Callable[[], dict], period_s: float = HEARTBEAT_S) -> threading.Event:
     """Beat every `period_s` on a daemon thread until the returned event is set; a Redis error skips one beat."""

@@ -36,6 +36,10 @@ class GenerateRequest:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int | None = None   # top-k logprobs per generated token; None = none
+    # What the registry says of the adapter (None = not known: registry down, or the base model). The request
+    # router sends the request only to replicas that can run it (RoutingStats.max_rank and adapter_types).
+    adapter_rank: int | None = None
+    adapter_type: str | None = None
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -117,6 +121,8 @@ class RoutingStats:
     resident_adapters: tuple[str, ...] = ()   # in the device row pools
     tokens_per_s: float = 0.0
     kv_used: float = 0.0          # fraction of KV blocks in use
+    max_rank: int | None = None   # the largest adapter rank it runs (a vLLM replica: its max_lora_rank)
+    adapter_types: tuple[str, ...] = ()   # the PEFT types it runs; () = every type
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,9 +137,12 @@ class RoutingStats:
         resident = data.get("resident_adapters", ())
         if type(resident) not in (list, tuple) or not all(type(a) is str for a in resident):
             resident = () if type(resident) not in (list, tuple) else [a for a in resident if type(a) is str]
+        max_rank, types = data.get("max_rank"), data.get("adapter_types", ())
+        types = tuple(types) if type(types) in (list, tuple) and all(type(t) is str for t in types) else ()
         return cls(rank if type(rank) is int else None, _count(data.get("queue_len")),
                    _count(data.get("num_inflight")), tuple(resident), _number(data.get("tokens_per_s")),
-                   _number(data.get("kv_used")))
+                   _number(data.get("kv_used")), max_rank if type(max_rank) is int and max_rank > 0 else None,
+                   types)
 
 
 _UNKNOWN = RoutingStats(rank=None)
@@ -144,4 +153,4 @@ def _count(value: object) -> int:
 
 
 def _number(value: object) -> float:
-    return float(value) if type(value) in (int, float) and math.isfinite(value) else 0.0
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else 0.0   # bools are ints

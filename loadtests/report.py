@@ -104,7 +104,10 @@ def slo_table(summaries: dict[str, dict], title: str = "LoRAFleet load test"):
     from rich.table import Table
 
     table = Table(title=title, caption="TTFT/TPOT from streamed chunks; tok/s = output tokens/s; SLO on TTFT P95")
-    for name in ("run", "reqs", "errors", "TTFT p50/95/99 ms", "TPOT p50/95/99 ms", "tok/s", "req/s", "SLO"):
+    has_states = any("adapter_states" in s for s in summaries.values())
+    columns = ("run", "reqs", "errors", "TTFT p50/95/99 ms", "TPOT p50/95/99 ms", "tok/s", "req/s", "SLO",
+               *(("adapter at replica: cold/host/device",) if has_states else ()))
+    for name in columns:
         table.add_column(name, justify="left" if name == "run" else "right", no_wrap=True)
     for run, s in summaries.items():
         slo = s["slo"]
@@ -113,21 +116,28 @@ def slo_table(summaries: dict[str, dict], title: str = "LoRAFleet load test"):
         table.add_row(f"[bold]{run}[/]", str(s["num_requests"]), f"{s['num_errors']} ({s['error_rate']:.1%})",
                       "/".join(_ms(s["ttft_s"][f"p{q}"]) for q in QUANTILES),
                       "/".join(_ms(s["tpot_s"][f"p{q}"]) for q in QUANTILES),
-                      f"{s['output_tokens_per_s']:.1f}", f"{s['requests_per_s']:.2f}", verdict)
+                      f"{s['output_tokens_per_s']:.1f}", f"{s['requests_per_s']:.2f}", verdict,
+                      *((_states(s),) if has_states else ()))
         for klass, c in s["by_rank_class"].items():
             table.add_row(f"  {klass}", str(c["num_requests"]), str(c["num_errors"]),
                           "/".join(_ms(c["ttft_s"][f"p{q}"]) for q in QUANTILES),
-                          "/".join(_ms(c["tpot_s"][f"p{q}"]) for q in QUANTILES), "", "", "")
+                          "/".join(_ms(c["tpot_s"][f"p{q}"]) for q in QUANTILES), "", "", "",
+                          *(("",) if has_states else ()))
     return table
+
+
+def _states(summary: dict) -> str:
+    states = summary.get("adapter_states") or {}
+    return "/".join(str(states.get(k, 0)) for k in ("cold", "host", "device")) if states else "—"
 
 
 def markdown_table(summaries: dict[str, dict]) -> str:
     """The SLO table as markdown (for READMEs)."""
-    lines = ["| run | requests | errors | TTFT p50/p95/p99 ms | TPOT p50/p95/p99 ms | out tok/s | req/s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| run | requests | errors | TTFT p50/p95/p99 ms | TPOT p50/p95/p99 ms | out tok/s | req/s | "
+             "adapter cold/host/device |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for run, s in summaries.items():
         lines.append(f"| {run} | {s['num_requests']} | {s['num_errors']} | "
                      + "/".join(_ms(s["ttft_s"][f"p{q}"]) for q in QUANTILES) + " | "
                      + "/".join(_ms(s["tpot_s"][f"p{q}"]) for q in QUANTILES)
-                     + f" | {s['output_tokens_per_s']:.1f} | {s['requests_per_s']:.2f} |")
+                     + f" | {s['output_tokens_per_s']:.1f} | {s['requests_per_s']:.2f} | {_states(s)} |")
     return "\n".join(lines)

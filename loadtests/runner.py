@@ -18,9 +18,10 @@ from lorafleet.loadtests.load_plan import LoadPlan, LoadTestError, build_plan
 from lorafleet.placement.workload import LengthDist
 
 COMPARE_POLICIES = ("random", "rank-aware")
-# (demo_root, routing policy) -> a context manager that serves a local demo app and yields its base URL;
-# the CLI passes cluster.demo_target.local_demo (load tests do not import the cluster).
-DemoStarter = Callable[[Path, str], AbstractContextManager[str]]
+# (demo_root, routing policy, number of adapters) -> a context manager that serves a local demo app and yields its
+# base URL; the CLI passes cluster.demo_target.local_demo (load tests do not import the cluster).
+DemoStarter = Callable[[Path, str, int], AbstractContextManager[str]]
+REPLICA_SYNC_S = 5.0   # replicas poll their assignment every second, then fetch and install
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
 
@@ -57,6 +58,7 @@ class LoadTestConfig:
     drain_s: float = 30.0
     demo_root: Path = Path(".lorafleet")
     sweep_rates: tuple[float, ...] = ()  # capacity search (sweep.py): one run per rate, ascending
+    warmup_s: float = 0.0   # --policy-compare: an unmeasured run first (then rank-aware rebalances)
     is_stop_early: bool = False  # sweep only: stop after two consecutive rates fail
 
     def __post_init__(self) -> None:
@@ -134,6 +136,7 @@ def run_locust(host: str, plan: LoadPlan, out_dir: Path, *, drain_s: float, labe
     shows progress, returns the wall time in seconds. Writes locust_*.csv, locust.html, locust.log, records.jsonl."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    out_dir = out_dir.resolve()   # Locust runs in out_dir: every path it is given must not be relative
     out_dir.mkdir(parents=True, exist_ok=True)
     records = out_dir / "records.jsonl"
     records.unlink(missing_ok=True)
@@ -195,17 +198,70 @@ def report_run(config: LoadTestConfig, plan: LoadPlan, out_dir: Path, wall_s: fl
     return summary, records
 
 
+def adapter_states(host: str) -> dict[str, int]:
+    """Requests so far by where their adapter was at the replica (base / device / host / cold = fetched from the
+    store), summed over replicas, from the router's /metrics (lorafleet_adapter_cache_requests_total). A server
+    whose metrics cannot be read gives {}: the report then has no adapter-state column."""
+    import httpx
+
+    try:
+        return adapter_states_from_metrics(httpx.get(f"{host}/metrics", timeout=10).text)
+    except httpx.HTTPError:
+        return {}
+
+
+def adapter_states_from_metrics(text: str) -> dict[str, int]:
+    """{adapter state: requests} summed over replicas, from a Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals: dict[str, int] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "lorafleet_adapter_cache_requests":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                state = sample.labels.get("adapter_state", "?")
+                totals[state] = totals.get(state, 0) + int(sample.value)
+    return totals
+
+
 def run_one(config: LoadTestConfig, host: str, out_dir: Path, label: str, console,
-            extra: dict | None = None) -> tuple[dict, list[dict]]:
+            extra: dict | None = None, *, duration_s: float | None = None, seed: int | None = None
+            ) -> tuple[dict, list[dict]]:
     """Plan at config.rate against `host`, replay it with Locust into out_dir, report; (summary, records)."""
-    plan = plan_for_host(host, rate=config.rate, duration_s=config.duration_s, num_adapters=config.num_adapters,
-                         zipf=config.zipf, seed=config.seed, prompt_tokens=config.prompt_tokens,
-                         output_tokens=config.output_tokens, length_sigma=config.length_sigma,
-                         chat_fraction=config.chat_fraction)
+    duration_s = config.duration_s if duration_s is None else duration_s
+    plan = plan_for_host(host, rate=config.rate, duration_s=duration_s, num_adapters=config.num_adapters,
+                         zipf=config.zipf, seed=config.seed if seed is None else seed,
+                         prompt_tokens=config.prompt_tokens, output_tokens=config.output_tokens,
+                         length_sigma=config.length_sigma, chat_fraction=config.chat_fraction)
+    before = adapter_states(host)
     wall_s = run_locust(host, plan, out_dir, drain_s=config.drain_s, label=label, console=console)
-    title = (f"{label}: {config.rate:g} req/s, {config.duration_s:g} s, {config.num_adapters} adapters, "
+    after = adapter_states(host)
+    states = {k: after.get(k, 0) - before.get(k, 0) for k in after} if after else {}
+    title = (f"{label}: {config.rate:g} req/s, {duration_s:g} s, {config.num_adapters} adapters, "
              f"zipf {config.zipf:g}")
-    return report_run(config, plan, out_dir, wall_s, title, extra)
+    summary, records = report_run(config, plan, out_dir, wall_s, title, extra)
+    if states:
+        summary["adapter_states"] = states   # what the replicas found: cold = a load from the store
+        from lorafleet.loadtests.report import write_summary
+
+        write_summary(summary, out_dir / "summary.json")
+    return summary, records
+
+
+def warm_up(config: LoadTestConfig, host: str, out_dir: Path, policy: str, console) -> None:
+    """The same workload (another seed) for config.warmup_s, unmeasured, so demand counters and caches are past
+    their first minute; then, for rank-aware, a rebalance from that demand, and time for the replicas to act on
+    the new table (prefetch) before the measured run starts."""
+    import httpx
+
+    run_one(config, host, out_dir, f"{policy} warm-up", console, duration_s=config.warmup_s, seed=config.seed + 1)
+    if policy == "rank-aware":
+        response = httpx.post(f"{host}/v1/placement/rebalance", timeout=120)
+        report = response.json() if response.status_code == 200 else {}
+        console.print(f"rebalanced: table version {report.get('version')}, {report.get('num_adapters')} adapters "
+                      f"placed" if report else f"rebalance failed ({response.status_code}): {response.text[:200]}")
+        time.sleep(REPLICA_SYNC_S)
 
 
 def make_console():
@@ -242,7 +298,9 @@ def run_loadtest(config: LoadTestConfig, console=None, *, start_demo: DemoStarte
         all_records = {}
         for policy in COMPARE_POLICIES:
             console.print(f"starting the local demo app with routing policy [bold]{policy}[/] ...")
-            with start_demo(config.demo_root, policy) as url:
+            with start_demo(config.demo_root, policy, config.num_adapters) as url:
+                if config.warmup_s > 0:
+                    warm_up(config, url, config.out_dir / policy / "warm-up", policy, console)
                 summaries[policy], all_records[policy] = run_one(
                     config, url, config.out_dir / policy, policy, console, extra={"routing_policy": policy})
         write_summary_all = {"params": config.params(), "runs": summaries}

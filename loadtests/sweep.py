@@ -161,7 +161,8 @@ def run_sweep(config: LoadTestConfig, console=None, *, start_demo: DemoStarter |
         raise LoadTestError("--sweep without --host needs a local demo app to start (start_demo)")
     else:
         console.print(f"starting the local demo app with routing policy [bold]{DEMO_POLICY}[/] ...")
-        target, target_name = start_demo(config.demo_root, DEMO_POLICY), f"local demo ({DEMO_POLICY})"
+        target, target_name = (start_demo(config.demo_root, DEMO_POLICY, config.num_adapters),
+                               f"local demo ({DEMO_POLICY})")
     config.out_dir.mkdir(parents=True, exist_ok=True)
     summaries: dict[float, dict] = {}
     rows: list[dict] = []

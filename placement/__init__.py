@@ -3,11 +3,14 @@
 from lorafleet.placement.cost_model import StepCostModel
 from lorafleet.placement.demand_estimator import CounterSource, DemandEstimator, InMemoryCounters
 from lorafleet.placement.operating_points import OperatingPoints
+from lorafleet.placement.policies import choose_weighted_p2c
 from lorafleet.placement.routing_table import RoutingTable, default_replica
 from lorafleet.placement.sim_policies import POLICIES, SimPolicy
+from lorafleet.placement.sim_sweep import sweep
 from lorafleet.placement.simulator import (
     SimConfig,
     SimResult,
+    all_mixed_capacity,
     cluster_capacity,
     compare,
     rate_for_load,
@@ -34,6 +37,8 @@ __all__ = [
     "SimResult",
     "StepCostModel",
     "TableDiff",
+    "all_mixed_capacity",
+    "choose_weighted_p2c",
     "cluster_capacity",
     "compare",
     "default_replica",
@@ -42,4 +47,5 @@ __all__ = [
     "replicas_needed",
     "run_policy",
     "solve",
+    "sweep",
 ]

@@ -1,58 +1,161 @@
-"""Maximum-weight perfect assignment (Hungarian method, shortest augmenting paths), numpy only."""
+"""Maximum-weight assignments of the solver's step 5: replicas to replicas (sparse Hungarian method) and replicas
+to rank classes with a budget per class (successive shortest paths over the classes). Pure Python + numpy."""
 
 from __future__ import annotations
+
+import heapq
 
 import numpy as np
 
 
 def max_weight_assignment(weight: np.ndarray) -> np.ndarray:
-    """perm [n] int64 with perm[row] = column, maximising Σ_row weight[row, perm[row]].
+    """perm [n_rows] int64 with perm[row] = column (distinct), maximising Σ_row weight[row, perm[row]].
 
-    weight: [n_rows, n_cols] float64 with n_rows <= n_cols (padded with zero rows to square internally).
-    O(n^3) worst case; the inner loop over columns is vectorised, so n = 256 takes tens of milliseconds.
+    weight: [n_rows, n_cols] float64 >= 0 with n_rows <= n_cols. Only the non-zero entries are edges
+    (`sparse_max_weight_assignment`), so a nearly diagonal matrix of 4096 replicas takes milliseconds.
     """
     weight = np.asarray(weight, dtype=np.float64)
     num_rows, num_cols = weight.shape
     assert num_rows <= num_cols, "need n_rows <= n_cols"
-    n = num_cols
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    square = np.zeros((n, n), dtype=np.float64)
-    square[:num_rows] = weight
-    cost = square.max() - square  # minimise a non-negative cost
-    inf = np.inf
-    # 1-based potentials as in the classic formulation; column 0 is the virtual start.
-    u = np.zeros(n + 1)
-    v = np.zeros(n + 1)
-    row_of_col = np.zeros(n + 1, dtype=np.int64)  # 0 = free column
-    way = np.zeros(n + 1, dtype=np.int64)
-    for i in range(1, n + 1):
-        row_of_col[0] = i
-        j0 = 0
-        minv = np.full(n + 1, inf)
-        used = np.zeros(n + 1, dtype=bool)
+    rows, cols = np.nonzero(weight > 0)
+    return sparse_max_weight_assignment(num_rows, num_cols, rows, cols, weight[rows, cols])
+
+
+def sparse_max_weight_assignment(num_rows: int, num_cols: int, rows: np.ndarray, cols: np.ndarray,
+                                 weights: np.ndarray) -> np.ndarray:
+    """perm [num_rows] int64, distinct columns, maximising Σ weight over the listed edges (row, col, weight > 0);
+    every pair not listed weighs 0 (num_rows <= num_cols).
+
+    Successive shortest augmenting paths (Hungarian method, Dijkstra with row/column potentials) on the listed
+    edges plus one private zero-weight column per row, so a row may stay "unmatched"; rows left unmatched then
+    take the free columns, their own index first. Exact: a max-weight matching of the positive edges completed
+    with zero-weight pairs is a max-weight perfect assignment. Rows are augmented hottest edge first.
+    """
+    assert num_rows <= num_cols, "need n_rows <= n_cols"
+    rows = np.asarray(rows, dtype=np.int64)
+    order = np.lexsort((-np.asarray(weights, dtype=np.float64), rows))
+    rows, cols = rows[order], np.asarray(cols, dtype=np.int64)[order]
+    costs = -np.asarray(weights, dtype=np.float64)[order]
+    starts = np.searchsorted(rows, np.arange(num_rows + 1)).tolist()
+    adj_cols, adj_costs = cols.tolist(), costs.tolist()
+    # potentials: u (rows), v (columns; column num_cols + i is row i's private column, cost 0)
+    u = [min(0.0, adj_costs[starts[i]]) if starts[i] < starts[i + 1] else 0.0 for i in range(num_rows)]
+    v: dict[int, float] = {}
+    row_of_col: dict[int, int] = {}
+    col_of_row = [-1] * num_rows
+    for s in range(num_rows):
+        if starts[s] == starts[s + 1]:
+            continue  # no positive edge: it takes a free column at the end
+        dist: dict[int, float] = {}
+        via: dict[int, int] = {}  # column -> row it was reached from
+        done_rows = {s: 0.0}
+        done_cols: dict[int, float] = {}  # settled column -> its distance
+        heap: list[tuple[float, int]] = []
+
+        def relax(i: int, base: float) -> None:
+            for k in range(starts[i], starts[i + 1]):
+                j = adj_cols[k]
+                if j in done_cols:  # settled: float noise must not re-open it (a cycle in `via` never ends)
+                    continue
+                d = base + adj_costs[k] - u[i] - v.get(j, 0.0)
+                if d < dist.get(j, np.inf):
+                    dist[j], via[j] = d, i
+                    heapq.heappush(heap, (d, j))
+            j = num_cols + i  # the row's private column
+            if j in done_cols:
+                return
+            d = base - u[i] - v.get(j, 0.0)
+            if d < dist.get(j, np.inf):
+                dist[j], via[j] = d, i
+                heapq.heappush(heap, (d, j))
+
+        relax(s, 0.0)
         while True:
-            used[j0] = True
-            i0 = row_of_col[j0]
-            free = ~used[1:]
-            cur = cost[i0 - 1] - u[i0] - v[1:]
-            better = free & (cur < minv[1:])
-            minv[1:][better] = cur[better]
-            way[1:][better] = j0
-            masked = np.where(free, minv[1:], inf)
-            j1 = int(np.argmin(masked)) + 1
-            delta = masked[j1 - 1]
-            used_cols = np.flatnonzero(used)
-            u[row_of_col[used_cols]] += delta
-            v[used_cols] -= delta
-            minv[1:][free] -= delta
-            j0 = j1
-            if row_of_col[j0] == 0:
+            d, j = heapq.heappop(heap)
+            if d > dist[j] or j in done_cols:
+                continue
+            done_cols[j] = d
+            i = row_of_col.get(j)
+            if i is None:
                 break
-        while j0:
-            j1 = way[j0]
-            row_of_col[j0] = row_of_col[j1]
-            j0 = j1
-    perm = np.empty(n, dtype=np.int64)
-    perm[row_of_col[1:] - 1] = np.arange(n)
-    return perm[:num_rows]
+            done_rows[i] = d
+            relax(i, d)
+        # potentials of the nodes settled before the free column j (reduced costs stay >= 0, the path tight)
+        for c, dc in done_cols.items():
+            v[c] = v.get(c, 0.0) - (d - dc)
+        for i, di in done_rows.items():
+            u[i] += d - di
+        while True:  # flip the path back to s
+            i = via[j]
+            prev = col_of_row[i]
+            row_of_col[j], col_of_row[i] = i, j
+            if i == s:
+                break
+            j = prev
+    perm = np.full(num_rows, -1, dtype=np.int64)
+    used = np.zeros(num_cols, dtype=bool)
+    for i, j in enumerate(col_of_row):
+        if 0 <= j < num_cols:
+            perm[i], used[j] = j, True
+    missing = np.flatnonzero(perm < 0)
+    own = missing[missing < num_cols]
+    keep_own = own[~used[own]]
+    perm[keep_own], used[keep_own] = keep_own, True
+    missing = np.flatnonzero(perm < 0)
+    perm[missing] = np.flatnonzero(~used)[: len(missing)]
+    return perm
+
+
+def class_assignment(score: np.ndarray, budget: np.ndarray) -> np.ndarray:
+    """owner [R] int64: the class (row of `score`) of each replica, class k getting exactly budget[k] replicas,
+    maximising Σ_p score[owner[p], p]. score: [K, R] float64; budget: [K] int64 summing to R.
+
+    Every replica first takes its best class; then replicas move from classes above their budget to classes
+    below it along shortest paths of the class graph (edge a -> b: the replica of a that loses least by moving
+    to b; Bellman-Ford over the K classes, whose edges may be negative after earlier moves). Successive shortest
+    paths from an optimal start: the result is optimal. O(moves x K x R) with K, the classes, small.
+    """
+    score = np.asarray(score, dtype=np.float64)
+    num_classes, num_replicas = score.shape
+    budget = np.asarray(budget, dtype=np.int64)
+    assert budget.sum() == num_replicas and (budget >= 0).all(), "budgets must be >= 0 and sum to R"
+    owner = np.argmax(score, axis=0).astype(np.int64)
+    count = np.bincount(owner, minlength=num_classes)
+    for _ in range(num_replicas + 1):
+        surplus = count > budget
+        if not surplus.any():
+            return owner
+        # edge (a, b): cheapest replica of a to hand to b
+        edge_cost = np.full((num_classes, num_classes), np.inf)
+        edge_replica = np.full((num_classes, num_classes), -1, dtype=np.int64)
+        for a in range(num_classes):
+            members = np.flatnonzero(owner == a)
+            if not len(members):
+                continue
+            loss = score[a, members][None, :] - score[:, members]  # [K, |a|]
+            best = np.argmin(loss, axis=1)
+            edge_cost[a] = loss[np.arange(num_classes), best]
+            edge_replica[a] = members[best]
+            edge_cost[a, a] = np.inf
+        dist = np.where(surplus, 0.0, np.inf)
+        parent = np.full(num_classes, -1, dtype=np.int64)
+        for _ in range(num_classes):
+            through = dist[:, None] + edge_cost  # [a, b]
+            src = np.argmin(through, axis=0)
+            better = through[src, np.arange(num_classes)] < dist - 1e-12
+            if not better.any():
+                break
+            dist[better] = through[src, np.arange(num_classes)][better]
+            parent[better] = src[better]
+        deficit = np.flatnonzero(count < budget)
+        target = int(deficit[np.argmin(dist[deficit])])
+        node, moves = target, []
+        while parent[node] >= 0 and len(moves) < num_classes:
+            a = int(parent[node])
+            moves.append((int(edge_replica[a, node]), node))
+            node = a
+        for p, b in moves:
+            owner[p] = b
+        count[node] -= 1
+        count[target] += 1
+    return owner

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 logger = logging.getLogger("lorafleet.placement")
+COUNT_CHECK_S = 2.0   # with autoscaling: how often the controller looks at the replica count
 
 
 class PlacementController:
@@ -22,14 +24,35 @@ class PlacementController:
         cfg = load_settings(**(settings or {}))
         self.num_replicas = num_replicas or cfg.num_replicas
         self.period_s = cfg.rebalance_period_s
+        self.is_autoscaled = cfg.autoscaling != "off"   # the replica count follows the heartbeats
         self.rebalancer = Rebalancer.from_settings(cfg)
         self.last_report: dict | None = None
         if start_loop:
             threading.Thread(target=self._loop, daemon=True, name="lorafleet-rebalance").start()
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.period_s):
-            self.rebalance()
+        next_period = time.monotonic() + self.period_s
+        while not self._stop.wait(COUNT_CHECK_S if self.is_autoscaled else max(0.0, next_period - time.monotonic())):
+            if time.monotonic() >= next_period or self.follow_replica_count():
+                self.rebalance()
+                next_period = time.monotonic() + self.period_s
+
+    def follow_replica_count(self) -> bool:
+        """With autoscaling: take the number of replicas that beat now; True when it changed (rebalance now, so
+        a new replica gets adapters and a removed one's go elsewhere, without waiting for the period)."""
+        if not self.is_autoscaled or self.rebalancer.liveness is None:
+            return False
+        try:
+            ranks = self.rebalancer.liveness.beating_ranks()
+        except Exception as exc:   # Redis down: keep the count
+            logger.warning("replica count not read: %s", exc)
+            return False
+        count = (ranks[-1] + 1) if ranks else self.num_replicas
+        if count == self.num_replicas:
+            return False
+        logger.info("replicas %d -> %d: rebalancing", self.num_replicas, count)
+        self.num_replicas = count
+        return True
 
     def rebalance(self) -> dict | None:
         """One period now; returns the last successful report (None before the first)."""

@@ -6,6 +6,7 @@ step_s = step_fixed_s + token_s · T + lora_s + adapter_read_s_per_rank · Σ_{d
   sum-of-ranks kernels (FLoRA / SGMV segments, LoRAFleet's kernels/): lora_s = lora_token_rank_s · Σ_t r_t
 fetch_s = fetch_latency_s + bytes / fetch_bytes_per_s   (adapter not resident on the replica); with
   store_bytes_per_s > 0 every replica's fetches also queue, first come first served, on one shared store.
+swap_s = swap_latency_s + bytes / pcie_bytes_per_s   (S-LoRA: the adapter is in host memory, copied to the GPU)
 T = tokens in the step (prefill tokens of admitted requests + one per running sequence).
 """
 
@@ -34,6 +35,8 @@ class StepCostModel:
     fetch_latency_s: float = 0.02
     fetch_bytes_per_s: float = 2.0e9
     store_bytes_per_s: float = 0.0  # aggregate bandwidth of the shared adapter store; 0 = unlimited
+    pcie_bytes_per_s: float = 25.0e9  # effective host->GPU copy (PCIe 4.0 x16 is 32 GB/s raw)
+    swap_latency_s: float = 0.001  # fixed cost per host->GPU load (allocation, page table, launch)
     max_num_seqs: int = 64
     max_batched_tokens: int = 4096
 
@@ -44,6 +47,8 @@ class StepCostModel:
             raise ValueError("cost coefficients must be >= 0")
         if self.store_bytes_per_s < 0:
             raise ValueError("store_bytes_per_s must be >= 0 (0 = unlimited)")
+        if self.pcie_bytes_per_s <= 0 or self.swap_latency_s < 0 or self.fetch_latency_s < 0:
+            raise ValueError("need pcie_bytes_per_s > 0, swap_latency_s >= 0 and fetch_latency_s >= 0")
         if self.fetch_bytes_per_s <= 0 or self.max_num_seqs < 1 or self.max_batched_tokens < 1:
             raise ValueError("need fetch_bytes_per_s > 0, max_num_seqs >= 1, max_batched_tokens >= 1")
 
@@ -59,6 +64,9 @@ class StepCostModel:
 
     def fetch_time(self, num_bytes: int) -> float:
         return self.fetch_latency_s + num_bytes / self.fetch_bytes_per_s
+
+    def swap_time(self, num_bytes: int) -> float:
+        return self.swap_latency_s + num_bytes / self.pcie_bytes_per_s
 
     def with_(self, **changes) -> StepCostModel:
         return replace(self, **changes)

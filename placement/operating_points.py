@@ -4,7 +4,13 @@ File format (JSON; the packaged default is placement/operating_points.json):
   {"slo": {"p95_ttft_s": 1.0, "p95_tpot_s": 0.1},
    "points": [{"rank": 8, "max_tokens_per_s": 9000.0}, ...],
    "memory": {"max_adapter_bytes": ..., "adapter_bytes_per_rank": ...},
+   "crowding": [{"rank": 8, "num_adapters": 64, "distinct_per_step": 35.8, "mean_batch": 54.0,
+                 "max_tokens_per_s": 7546.0}, ...],
    "source": "...", ...any other keys are kept as metadata}
+`crowding` (optional): the same capacity measured with other numbers of equally popular adapters, keyed by the
+mean number of distinct adapters per step; every step reads each distinct adapter's weights, so a replica serving
+many adapters at once sustains less than `points` (measured with 16), one serving a single hot adapter more.
+The curve scales `points`: capacity(D) = points[r] x tokens(D) / tokens(the 16-adapter entry).
 Tokens = prompt + generated tokens. An adapter of rank r belongs to the smallest class >= r (the largest
 class if r is above all of them): a replica whose batch holds rank r pays at least class-r cost.
 """
@@ -21,6 +27,7 @@ from typing import Any
 from lorafleet.infra.errors import InvalidPlacement
 
 DEFAULT_FILE = "operating_points.json"
+REFERENCE_ADAPTERS = 16  # equally popular adapters of the `points` measurement (placement/sim_profile.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +41,8 @@ class OperatingPoints:
     adapter_bytes_per_rank: int
     source: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    # rank class -> ((num adapters, mean distinct adapters per step, mean batch, max tokens/s), ...); may be empty
+    crowding: dict[int, tuple[tuple[int, float, float, float], ...]] = field(default_factory=dict)
     rank_classes: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -48,6 +57,13 @@ class OperatingPoints:
             raise InvalidPlacement("operating points: slo p95_ttft_s and p95_tpot_s must be > 0")
         if self.max_adapter_bytes < 1 or self.adapter_bytes_per_rank < 1:
             raise InvalidPlacement("operating points: memory max_adapter_bytes and adapter_bytes_per_rank must be >= 1")
+        for rank, curve in self.crowding.items():
+            if not curve or any(not (n >= 1 and d >= 1 and b > 0 and t > 0) for n, d, b, t in curve):
+                raise InvalidPlacement(f"operating points: crowding of rank {rank!r} needs num_adapters >= 1, "
+                                       "distinct_per_step >= 1, mean_batch > 0 and max_tokens_per_s > 0")
+        # a curve without its class in `points` (an edited file) has nothing to scale: dropped
+        object.__setattr__(self, "crowding", {r: tuple(sorted(c)) for r, c in sorted(self.crowding.items())
+                                              if r in self.points})
         object.__setattr__(self, "rank_classes", tuple(sorted(self.points)))
 
     def rank_class(self, rank: int) -> int:
@@ -63,6 +79,16 @@ class OperatingPoints:
         """Default adapter size when the registry does not say: rank x bytes per rank unit."""
         return int(rank) * self.adapter_bytes_per_rank
 
+    def crowding_curve(self, rank_class: int) -> tuple[tuple[float, ...], tuple[float, ...], float] | None:
+        """(distinct adapters per step, capacity / points[rank_class], mean batch at the operating point) of the
+        class, ascending in distinct adapters; None when not profiled."""
+        curve = self.crowding.get(rank_class)
+        if not curve:
+            return None
+        reference = next((t for n, _, _, t in curve if n == REFERENCE_ADAPTERS), self.points[rank_class])
+        batch = sum(b for _, _, b, _ in curve) / len(curve)
+        return tuple(d for _, d, _, _ in curve), tuple(t / reference for _, _, _, t in curve), batch
+
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.meta)
         out.update(
@@ -76,6 +102,10 @@ class OperatingPoints:
                 },
             }
         )
+        if self.crowding:
+            out["crowding"] = [{"rank": r, "num_adapters": n, "distinct_per_step": round(d, 3),
+                                "mean_batch": round(b, 3), "max_tokens_per_s": round(t, 3)}
+                               for r, curve in self.crowding.items() for n, d, b, t in curve]
         return out
 
     def save(self, path: str | Path) -> Path:
@@ -93,7 +123,11 @@ class OperatingPoints:
         try:
             slo, memory = data["slo"], data["memory"]
             points = {int(p["rank"]): float(p["max_tokens_per_s"]) for p in data["points"]}
-            meta = {k: v for k, v in data.items() if k not in ("slo", "memory", "points", "source")}
+            meta = {k: v for k, v in data.items() if k not in ("slo", "memory", "points", "source", "crowding")}
+            crowding: dict[int, list[tuple[int, float, float, float]]] = {}
+            for c in data.get("crowding") or ():
+                crowding.setdefault(int(c["rank"]), []).append((int(c["num_adapters"]), float(c["distinct_per_step"]),
+                                                                float(c["mean_batch"]), float(c["max_tokens_per_s"])))
             return cls(
                 points=points,
                 slo_p95_ttft_s=float(slo["p95_ttft_s"]),
@@ -102,6 +136,7 @@ class OperatingPoints:
                 adapter_bytes_per_rank=int(memory["adapter_bytes_per_rank"]),
                 source=str(data.get("source", "")),
                 meta=meta,
+                crowding={r: tuple(c) for r, c in crowding.items()},
             )
         except KeyError as exc:
             raise InvalidPlacement(f"{where}: missing field {exc.args[0]!r}") from None

@@ -8,8 +8,10 @@ import random
 import time
 from bisect import bisect_right
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any, Protocol
+
+import numpy as np
 
 from lorafleet.infra.errors import InvalidPlacement
 
@@ -45,11 +47,41 @@ Entry = tuple[tuple[int, float], ...]
 
 
 @dataclass(frozen=True, slots=True)
+class TableColumns:
+    """The entries as arrays (CSR): row k = adapter_ids[k], its pieces offsets[k]:offsets[k+1] of replicas /
+    probabilities, replicas ascending within a row. What the solver reads of a previous table without a Python
+    loop per adapter."""
+
+    adapter_ids: list[str]  # [A]
+    offsets: np.ndarray  # [A + 1] int64
+    replicas: np.ndarray  # [P] int64
+    probabilities: np.ndarray  # [P] float64
+    row: dict[str, int] = field(default_factory=dict, repr=False)  # adapter_id -> k, built on first use
+
+    def rows_of(self, adapter_ids: list[str]) -> np.ndarray:
+        """int64 [len(adapter_ids)]: each id's row, -1 where the table has no entry for it."""
+        if not self.row and self.adapter_ids:
+            self.row.update(zip(self.adapter_ids, range(len(self.adapter_ids)), strict=True))
+        get = self.row.get
+        return np.fromiter((get(a, -1) for a in adapter_ids), dtype=np.int64, count=len(adapter_ids))
+
+    def main_replica(self) -> np.ndarray:
+        """int64 [A]: each row's replica of the largest probability (the first of them on ties)."""
+        num_rows = len(self.adapter_ids)
+        if num_rows == 0:
+            return np.zeros(0, dtype=np.int64)
+        row_of_piece = np.repeat(np.arange(num_rows), np.diff(self.offsets))
+        order = np.lexsort((-self.probabilities, row_of_piece))  # by row, then probability descending
+        return self.replicas[order[self.offsets[:-1]]]
+
+
+@dataclass(frozen=True, slots=True)
 class RoutingTable:
     """Where each adapter's requests go. `entries[a]` = ((replica_rank, probability), ...), sum 1.
 
     Adapters not in `entries` route to `default_replica(a, num_replicas)`. `meta` carries solver
-    facts (e.g. predicted load per replica) for display; it never affects routing.
+    facts (e.g. predicted load per replica) for display; it never affects routing. `check=False` skips the
+    per-entry validation (entries that were validated already: `from_columns`, `with_version`).
     """
 
     num_replicas: int
@@ -58,14 +90,16 @@ class RoutingTable:
     created_at: float = field(default_factory=time.time)
     meta: Mapping[str, Any] = field(default_factory=dict)
     _cumulative: dict = field(default_factory=dict, repr=False, compare=False)
+    _columns: TableColumns | None = field(default=None, init=False, repr=False, compare=False)
+    check: InitVar[bool] = True
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, check: bool = True) -> None:
         if not isinstance(self.num_replicas, int) or self.num_replicas < 1:
             raise InvalidPlacement(f"routing table: num_replicas must be an integer >= 1, got {self.num_replicas!r}")
         if not isinstance(self.version, int) or self.version < 0:
             raise InvalidPlacement(f"routing table: version must be an integer >= 0, got {self.version!r}")
-        for adapter_id, entry in self.entries.items():
-            _check_entry(adapter_id, entry, self.num_replicas)
+        if check:
+            _check_entries(self.entries, self.num_replicas)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -108,7 +142,55 @@ class RoutingTable:
         return entry[min(index, len(entry) - 1)][0]
 
     def with_version(self, version: int) -> RoutingTable:
-        return RoutingTable(self.num_replicas, self.entries, version, self.created_at, self.meta)
+        table = RoutingTable(self.num_replicas, self.entries, version, self.created_at, self.meta, check=False)
+        object.__setattr__(table, "_columns", self._columns)
+        return table
+
+    def columns(self) -> TableColumns:
+        """The entries as arrays (built once per table; a solved table has them from the solver)."""
+        if self._columns is None:
+            offsets, replicas, probabilities = [0], [], []
+            for entry in self.entries.values():
+                for replica, p in sorted(entry):
+                    replicas.append(replica)
+                    probabilities.append(p)
+                offsets.append(len(replicas))
+            object.__setattr__(self, "_columns", TableColumns(
+                list(self.entries), np.asarray(offsets, dtype=np.int64), np.asarray(replicas, dtype=np.int64),
+                np.asarray(probabilities, dtype=np.float64)))
+        return self._columns  # type: ignore[return-value]
+
+    @classmethod
+    def from_columns(cls, num_replicas: int, columns: TableColumns, version: int = 0,
+                     created_at: float | None = None, meta: Mapping[str, Any] | None = None) -> RoutingTable:
+        """A table from arrays (the solver's output), validated with array operations instead of per entry."""
+        offsets, replicas, probs = columns.offsets, columns.replicas, columns.probabilities
+        num_rows = len(columns.adapter_ids)
+        counts = np.diff(offsets)
+        if offsets.shape != (num_rows + 1,) or offsets[0] != 0 or offsets[-1] != len(replicas) or (
+                counts < 1).any() or len(probs) != len(replicas):
+            raise InvalidPlacement("routing table: every adapter needs at least one (replica, probability)")
+        if len(replicas) and (replicas.min() < 0 or replicas.max() >= num_replicas):
+            raise InvalidPlacement(f"routing table: a replica outside 0..{num_replicas - 1}")
+        row_of_piece = np.repeat(np.arange(num_rows), counts)
+        if (np.diff(replicas)[np.diff(row_of_piece) == 0] <= 0).any():
+            raise InvalidPlacement("routing table: an adapter lists a replica twice (or not in ascending order)")
+        if not ((probs > 0) & (probs <= 1 + PROB_TOLERANCE)).all():
+            raise InvalidPlacement("routing table: a probability outside (0, 1]")
+        sums = np.add.reduceat(probs, offsets[:-1]) if num_rows else probs
+        if (np.abs(sums - 1.0) > PROB_TOLERANCE).any():
+            raise InvalidPlacement("routing table: the probabilities of an adapter do not sum to 1")
+        # Most adapters sit on one replica: their entry is ((r, p),) without a slice per row.
+        reps, ps = replicas.tolist(), probs.tolist()
+        values: list[Entry] = [((r, p),) for r, p in zip(replicas[offsets[:-1]].tolist(),
+                                                          probs[offsets[:-1]].tolist(), strict=True)]
+        for k in np.flatnonzero(counts > 1).tolist():
+            a, b = int(offsets[k]), int(offsets[k + 1])
+            values[k] = tuple(zip(reps[a:b], ps[a:b], strict=True))
+        table = cls(num_replicas, dict(zip(columns.adapter_ids, values, strict=True)), version,
+                    time.time() if created_at is None else created_at, dict(meta or {}), check=False)
+        object.__setattr__(table, "_columns", columns)
+        return table
 
     # JSON form: {"version", "num_replicas", "created_at", "entries": {id: [[rank, p], ...]}, "meta"}
     def to_dict(self) -> dict[str, Any]:
@@ -156,6 +238,16 @@ class RoutingTable:
         except (ValueError, UnicodeDecodeError) as exc:
             raise InvalidPlacement(f"routing table: not valid JSON ({exc.__class__.__name__})") from None
         return cls.from_dict(data)
+
+
+def _check_entries(entries: Mapping[str, Entry], num_replicas: int) -> None:
+    """Every entry valid (see _check_entry); one-replica entries, most of a large table, on a fast path."""
+    for adapter_id, entry in entries.items():
+        if len(entry) == 1 and type(adapter_id) is str:
+            replica, probability = entry[0]
+            if type(replica) is int and 0 <= replica < num_replicas and abs(probability - 1.0) <= PROB_TOLERANCE:
+                continue
+        _check_entry(adapter_id, entry, num_replicas)
 
 
 def _check_entry(adapter_id: str, entry: Entry, num_replicas: int) -> None:

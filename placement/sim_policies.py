@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from lorafleet.placement.demand_estimator import DemandEstimator, InMemoryCounters
 from lorafleet.placement.operating_points import OperatingPoints
-from lorafleet.placement.policies import affinity_rank, random_rank
+from lorafleet.placement.policies import affinity_rank, choose_weighted_p2c, random_rank
 from lorafleet.placement.routing_table import RoutingTable
 from lorafleet.placement.sim_replica import ReplicaSim
 from lorafleet.placement.solver import AdapterLoad, solve
@@ -39,6 +39,8 @@ class SimPolicy:
     name = "base"
     needs_loads = False  # True: replicas are advanced to `now` before choose() (state-dependent routing)
     unlimited_memory = False  # True: every adapter stays resident everywhere (no memory budget)
+    host_all = False  # True: every adapter in every replica's host memory; GPU loads are PCIe swaps
+    routing = ""  # how a request picks its replica, one line for the results table
 
     def setup(self, ctx: SimContext) -> None:
         self.ctx = ctx
@@ -55,6 +57,7 @@ class SimPolicy:
 
 class RandomPolicy(SimPolicy):
     name = "random"
+    routing = "uniformly random replica"
 
     def choose(self, i: int, adapter: int, now: float) -> int:
         return random_rank(self.live_ranks, self.rng)
@@ -62,6 +65,7 @@ class RandomPolicy(SimPolicy):
 
 class RoundRobinPolicy(SimPolicy):
     name = "round-robin"
+    routing = "request i to replica i mod N"
 
     def choose(self, i: int, adapter: int, now: float) -> int:
         return i % self.num_replicas
@@ -75,9 +79,10 @@ def _least_loaded(replicas: list[ReplicaSim], i: int) -> int:
 
 
 class LeastLoadedPolicy(SimPolicy):
-    """Fewest outstanding requests (queued + fetching + running)."""
+    """Fewest outstanding requests (queued + loading + running)."""
 
     name = "least-loaded"
+    routing = "fewest outstanding requests of all replicas"
     needs_loads = True
 
     def choose(self, i: int, adapter: int, now: float) -> int:
@@ -88,6 +93,7 @@ class AffinityPolicy(SimPolicy):
     """Consistent hash of the adapter id: one home replica per adapter, whatever its load."""
 
     name = "affinity"
+    routing = "consistent hash of the adapter id"
 
     def setup(self, ctx: SimContext) -> None:
         super().setup(ctx)
@@ -98,26 +104,49 @@ class AffinityPolicy(SimPolicy):
 
 
 class AllEverywherePolicy(SimPolicy):
-    """S-LoRA style: every adapter resident on every replica (memory unbounded), least-loaded routing."""
+    """S-LoRA (Sheng et al., Sec. 5): every adapter in every replica's host memory, the same GPU adapter budget as
+    every policy (an LRU; a miss swaps the adapter in over PCIe), least-loaded routing."""
 
     name = "s-lora-all"
+    routing = "fewest outstanding requests of all replicas"
     needs_loads = True
-    unlimited_memory = True
+    host_all = True
 
     def setup(self, ctx: SimContext) -> None:
         super().setup(ctx)
+        # The deployment existed before the simulated period: the most popular adapters that fit are on the GPU.
+        if not ctx.replicas:
+            return
+        sizes, budget = ctx.replicas[0].data.adapter_bytes, ctx.replicas[0].max_adapter_bytes
+        hottest, used = [], 0
+        for adapter in sorted(range(len(ctx.workload.adapter_ids)), key=lambda a: -ctx.workload.popularity[a]):
+            if budget is None or used + sizes[adapter] <= budget:
+                hottest.append(adapter)
+                used += sizes[adapter]
         for replica in ctx.replicas:
-            for adapter in range(len(ctx.workload.adapter_ids)):
+            for adapter in reversed(hottest):  # the hottest last: most recently used, evicted last
                 replica.preload(adapter)
 
     def choose(self, i: int, adapter: int, now: float) -> int:
         return _least_loaded(self.ctx.replicas, i)
 
 
+class UnlimitedAllEverywherePolicy(AllEverywherePolicy):
+    """Every adapter resident on every replica's GPU at no cost (unbounded memory), least-loaded routing: not a
+    physical system, an upper bound for all-everywhere (and the one-replica profile's setting)."""
+
+    name = "s-lora-unlimited"
+    host_all = False
+    unlimited_memory = True
+
+
 class RankAwarePolicy(SimPolicy):
-    """LoRAFleet: the rank-aware solver's table, re-solved every period from EWMA demand of the counters."""
+    """LoRAFleet: the rank-aware solver's table, re-solved every period from EWMA demand of the counters; among an
+    adapter's table replicas the shorter queue of two distinct weighted draws (choose_weighted_p2c, as the router)."""
 
     name = "rank-aware"
+    routing = "solver's table; shorter queue of 2 distinct draws weighted by the table"
+    load_aware = True
 
     def setup(self, ctx: SimContext) -> None:
         super().setup(ctx)
@@ -126,17 +155,18 @@ class RankAwarePolicy(SimPolicy):
         self.index = {a: k for k, a in enumerate(w.adapter_ids)}
         self.counters = InMemoryCounters(bucket_s=ctx.rebalance_period_s, retention_s=10 * ctx.rebalance_period_s)
         self.estimator = DemandEstimator(alpha=ctx.ewma_alpha)
-        # The deployment existed before the simulated period: the first table comes from time-0 demand.
+        # The deployment existed before the simulated period: the first table comes from time-0 demand, and its
+        # adapters are on their replicas.
         expected = w.expected_tokens_per_s()
         self.estimator.observe({a: d * ctx.rebalance_period_s for a, d in expected.items()}, ctx.rebalance_period_s)
         self.table = self._solve(expected, previous=None)
         for adapter_id, entry in self.table.entries.items():
             for replica, _ in entry:
-                ctx.replicas[replica].prefetch(self.index[adapter_id], 0.0)
+                ctx.replicas[replica].preload(self.index[adapter_id])
         self.record = self.counters.record
-        self.sample = self.table.sample
         self.adapter_ids = w.adapter_ids
         self.tokens = [p + o for p, o in zip(w.prompt_tokens.tolist(), w.output_tokens.tolist(), strict=True)]
+        self.now = 0.0
 
     def _solve(self, demand: dict[str, float], previous: RoutingTable | None) -> RoutingTable:
         loads = [AdapterLoad(a, self.ranks[self.index[a]], d) for a, d in demand.items() if a in self.index]
@@ -145,10 +175,19 @@ class RankAwarePolicy(SimPolicy):
             max_adapter_bytes=self.ctx.max_adapter_bytes,
         ).table
 
+    def _queue_len(self, rank: int) -> int:
+        replica = self.ctx.replicas[rank]
+        replica.advance(self.now)
+        return replica.num_outstanding
+
     def choose(self, i: int, adapter: int, now: float) -> int:
         adapter_id = self.adapter_ids[adapter]
         self.record(adapter_id, self.tokens[i], 1, now)
-        return self.sample(adapter_id, self.rng)   # RoutingTable.sample, as the router's rank-aware policy
+        entry = self.table.entries.get(adapter_id)
+        if entry is None or not self.load_aware:
+            return self.table.sample(adapter_id, self.rng)   # RoutingTable.sample: the consistent-hash default
+        self.now = now
+        return choose_weighted_p2c(entry, self._queue_len, self.rng)
 
     def rebalance(self, now: float) -> None:
         rates = self.estimator.update(self.counters, self.ctx.rebalance_period_s, now - 1e-9)
@@ -161,11 +200,19 @@ class RankAwarePolicy(SimPolicy):
                 if move.adapter_id in new.entries:
                     self.ctx.replicas[replica].prefetch(self.index[move.adapter_id], now)
         self.table = new
-        self.sample = new.sample
+
+
+class RankAwareSamplePolicy(RankAwarePolicy):
+    """The same tables, each request drawn from its adapter's probabilities alone (RoutingTable.sample)."""
+
+    name = "rank-aware-sample"
+    routing = "solver's table; one draw from its probabilities"
+    load_aware = False
 
 
 # Every name of placement/policies.py POLICY_NAMES, in its order (the `lorafleet simulate` default).
 POLICIES: dict[str, type[SimPolicy]] = {
     cls.name: cls
-    for cls in (RandomPolicy, RoundRobinPolicy, LeastLoadedPolicy, AffinityPolicy, AllEverywherePolicy, RankAwarePolicy)
+    for cls in (RandomPolicy, RoundRobinPolicy, LeastLoadedPolicy, AffinityPolicy, AllEverywherePolicy,
+                UnlimitedAllEverywherePolicy, RankAwarePolicy, RankAwareSamplePolicy)
 }

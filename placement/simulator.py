@@ -58,6 +58,12 @@ def cluster_capacity(workload: Workload, points: OperatingPoints, num_replicas: 
     return num_replicas / float((workload.popularity / caps).sum())
 
 
+def all_mixed_capacity(workload: Workload, points: OperatingPoints, num_replicas: int) -> float:
+    """Tokens/s the cluster sustains under the SLO when every replica serves the whole rank mix (padded kernels:
+    each step pays the batch's max rank, which with large batches is the largest rank of the workload)."""
+    return num_replicas * points.capacity(int(workload.adapter_ranks.max()))
+
+
 def rate_for_load(spec: WorkloadSpec, points: OperatingPoints, num_replicas: int, load: float) -> float:
     """Request rate (req/s) at which demand = `load` x cluster_capacity."""
     if not load > 0:
@@ -86,7 +92,7 @@ def run_policy(workload: Workload, policy_name: str, config: SimConfig) -> SimRe
     )
     memory = None if policy.unlimited_memory else config.adapter_memory
     store = SharedStore(config.cost.store_bytes_per_s)
-    replicas = [ReplicaSim(j, config.cost, memory, data, store) for j in range(config.num_replicas)]
+    replicas = [ReplicaSim(j, config.cost, memory, data, store, policy.host_all) for j in range(config.num_replicas)]
     ctx = SimContext(workload, replicas, config.points, config.adapter_memory, config.seed,
                      config.rebalance_period_s, config.ewma_alpha)
     policy.setup(ctx)
@@ -147,7 +153,14 @@ def _result(name, workload, data, replicas, ctx, config) -> SimResult:
         "num_measured_requests": int(tokens.size),
         "num_cold_fetches": int(sum(r.num_fetches for r in replicas)),
         "fetched_gib": float(sum(r.fetched_bytes for r in replicas) / 2**30),
-        "max_resident_gib_per_replica": float(max(r.used_bytes for r in replicas) / 2**30),
+        "num_swaps": int(sum(r.num_swaps for r in replicas)),
+        "swapped_gib": float(sum(r.swapped_bytes for r in replicas) / 2**30),
+        "num_evictions": int(sum(r.num_evictions for r in replicas)),
+        "max_resident_gib_per_replica": float(max(r.max_used_bytes for r in replicas) / 2**30),
+        **queue_growth(arrival, first, start),
+        "mean_batch": float(sum(r.batch_steps for r in replicas) / max(sum(r.num_steps for r in replicas), 1)),
+        "mean_distinct_adapters": float(sum(r.distinct_steps for r in replicas)
+                                        / max(sum(r.num_steps for r in replicas), 1)),
         "replica_busy_max": float(max(r.busy_s for r in replicas) / max(finish.max(), 1e-9)),
         "replica_busy_min": float(min(r.busy_s for r in replicas) / max(finish.max(), 1e-9)),
         "num_rebalances": len(ctx.churn),
@@ -155,6 +168,33 @@ def _result(name, workload, data, replicas, ctx, config) -> SimResult:
         "new_placements_per_rebalance": float(np.mean(ctx.new_placements)) if ctx.new_placements else None,
     }
     return SimResult(name, metrics, ttft, tpot, ranks)
+
+
+GROWTH_WINDOW = 0.1  # the last 10% of the trace's arrivals
+GROWTH_THRESHOLD = 0.01  # backlog growth over the window, as a share of the window's arrivals
+
+
+def queue_growth(arrival: np.ndarray, first_token: np.ndarray, start: float) -> dict:
+    """Is the backlog (requests arrived, first token not yet out) still growing at the end of the trace?
+
+    Least-squares line through the backlog over the last 10% of the arrivals (21 samples): a stable cluster's
+    backlog wanders around a level, an overloaded one's grows by (arrival - service rate) x time. Flagged when the
+    line's rise over the window exceeds 1% of the window's arrivals (arrivals outpace service by > 1%) and is more
+    than twice the backlog's scatter around the line (not a random wander)."""
+    end = float(arrival[-1]) if arrival.size else 0.0
+    begin = max(start, end - GROWTH_WINDOW * end)
+    if end <= begin:
+        return {"backlog_end": 0, "backlog_growth": 0.0, "is_queue_growing": False}
+    times = np.linspace(begin, end, 21)
+    arrived = np.searchsorted(arrival, times, side="right")
+    started = np.searchsorted(np.sort(first_token), times, side="right")
+    backlog = (arrived - started).astype(np.float64)
+    slope, intercept = np.polyfit(times, backlog, 1)
+    scatter = float(np.std(backlog - (slope * times + intercept)))
+    rise = float(slope) * (end - begin)
+    growth = rise / max(int(arrived[-1] - arrived[0]), 1)
+    return {"backlog_end": int(backlog[-1]), "backlog_growth": growth,
+            "is_queue_growing": bool(growth > GROWTH_THRESHOLD and rise > 2 * scatter)}
 
 
 def replicas_needed(
@@ -198,7 +238,7 @@ def compare(
     policies: list[str],
     config: SimConfig,
     find_replicas: bool = True,
-    search_requests: int = 20_000,
+    search_requests: int = 100_000,
 ) -> dict[str, SimResult]:
     """Run every policy on the same trace; with `find_replicas`, add `replicas_needed` to each one's metrics
     (searched on the first `search_requests` requests of the same workload to bound the run time)."""

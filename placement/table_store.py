@@ -11,6 +11,7 @@ import random
 import time
 from typing import Any
 
+from lorafleet.infra.assignments import assigned_key, per_rank
 from lorafleet.infra.errors import PlacementConflict, StoreUnavailable
 from lorafleet.infra.redis_conn import REDIS_DOWN_ERRORS
 from lorafleet.placement.routing_table import RoutingTable
@@ -28,6 +29,7 @@ class RoutingTableStore:
         self.version_key = f"{prefix}:routing_table:version"
         self.channel = f"{prefix}:events:routing_table"
         self.adapters_key = f"{prefix}:placement:adapters"
+        self.assigned_key = assigned_key(prefix)
 
     def _unavailable(self, exc: BaseException) -> StoreUnavailable:
         return StoreUnavailable(f"routing table store: Redis unreachable ({exc.__class__.__name__}: {exc})")
@@ -48,11 +50,13 @@ class RoutingTableStore:
             raise self._unavailable(exc) from None
         return RoutingTable.from_json(raw) if raw is not None else None
 
-    def publish(self, table: RoutingTable, expected_version: int | None = None) -> RoutingTable:
+    def publish(self, table: RoutingTable, expected_version: int | None = None, *,
+                homes: dict[str, int] | None = None, sizes: dict[str, int] | None = None) -> RoutingTable:
         """Store `table` as version current+1 and announce it; returns the table with that version.
 
         With `expected_version`, fail with PlacementConflict if the stored version differs (someone
-        published since the caller read the table it solved from).
+        published since the caller read the table it solved from). Each replica's list of adapters to hold goes
+        beside it (infra/assignments.py): the table's, then `homes` (adapter -> rank) outside it, with `sizes`.
         """
         import redis
 
@@ -72,6 +76,10 @@ class RoutingTableStore:
                         pipe.multi()
                         pipe.set(self.table_key, stamped.to_json())
                         pipe.set(self.version_key, stamped.version)
+                        # Each replica's own list, so replicas prefetch without parsing the table (infra layer).
+                        assigned = per_rank(stamped.entries, stamped.num_replicas, homes, sizes)
+                        pipe.delete(self.assigned_key)
+                        pipe.hset(self.assigned_key, mapping={**assigned, "version": str(stamped.version)})
                         pipe.publish(self.channel, json.dumps({"version": stamped.version}))
                         pipe.execute()
                         return stamped

@@ -7,8 +7,13 @@
 - Freshness: store events ('updated', 'removed') and a resync — on every reconnect of the event feed and every
   `resync_interval_s` — compare what is held with the source's current versions; a stale copy is retired (its
   rows stay until the requests running on it finish, so no request mixes two versions) and refetched when wanted.
+- Placement: assign(ids) takes the adapters the published routing table gives this replica: fetched into the host
+  tier at once, installed on the device as room allows (install_assigned, lowest priority), the ones no longer
+  assigned demoted (first to be evicted).
 - A fetch or validation error marks the adapter failed: the requests waiting on it fail with that error, then the
   entry is dropped so a later request retries.
+One component, three files: this one (entries, host tier, device pools, fetches), adapter_freshness.py (events,
+resync) and adapter_assignment.py (the table's assignment), mixed into AdapterCache.
 """
 
 from __future__ import annotations
@@ -18,14 +23,15 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 from lorafleet.infra.adapter_ids import validate_adapter_id
 from lorafleet.infra.adapter_source import AdapterSource, VersionedSource
 from lorafleet.infra.adapters import AdapterWeights
 from lorafleet.infra.errors import AdapterNotFound, LoRAFleetError, StoreUnavailable
-from lorafleet.infra.events import AdapterEvent
+from lorafleet.replicas.adapter_assignment import AssignmentMixin
+from lorafleet.replicas.adapter_entry import AdapterEntry, is_older
+from lorafleet.replicas.adapter_freshness import FreshnessMixin
 from lorafleet.replicas.adapter_loader import AdapterLoader
 from lorafleet.replicas.adapter_pool import AdapterPools
 from lorafleet.replicas.scheduler import AdapterStatus
@@ -33,28 +39,7 @@ from lorafleet.replicas.scheduler import AdapterStatus
 logger = logging.getLogger("lorafleet.replica")
 
 
-@dataclass(slots=True)
-class _Entry:
-    status: AdapterStatus
-    weights: AdapterWeights | None = None
-    error: Exception | None = None
-    version: str = ""
-    is_from_path: bool = False  # registered with load(): events and resyncs of the source do not apply
-    newer_than: str = ""       # an event announced this version while loading: a fetch of an older one is refetched
-    slot: int | None = None
-    num_pins: int = 0          # running requests using it on the device
-    num_waiting: int = 0       # requests in the engine that named it (host copy kept while > 0)
-    is_stale: bool = False     # replaced or unloaded while pinned: uninstall when the last pin goes
-
-
-def is_older(version: str, than: str) -> bool:
-    """Store versions are integers (compare them); other sources' versions only differ or not."""
-    if version.isdigit() and than.isdigit():
-        return int(version) < int(than)
-    return version != than
-
-
-class AdapterCache:
+class AdapterCache(FreshnessMixin, AssignmentMixin):
     """Implements the scheduler's AdapterGate. Loader threads only fetch + validate + convert on the host; the
     device pools are written under the lock, by the engine thread (try_acquire) or when a copy is retired."""
 
@@ -66,14 +51,17 @@ class AdapterCache:
         self.source = source
         self.host_cache_max_bytes = host_cache_max_bytes
         self._lock = threading.RLock()   # entries are shared with loader, event and resync threads
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, AdapterEntry] = {}
         self._paths: dict[str, Path] = {}
-        self._stale: dict[int, _Entry] = {}    # slot -> replaced/unloaded entry still pinned by requests
+        self._stale: dict[int, AdapterEntry] = {}    # slot -> replaced/unloaded entry still pinned by requests
         self._device_lru: OrderedDict[str, None] = OrderedDict()   # resident, unpinned; oldest first
         self._host_lru: OrderedDict[str, None] = OrderedDict()     # ready on the host; oldest first
         self._executor = ThreadPoolExecutor(max_workers=num_loaders, thread_name_prefix="adapter-loader")
         self.stats = {"loads": 0, "load_failures": 0, "hits": 0, "installs": 0, "evictions": 0,
-                      "compactions": 0, "host_evictions": 0, "stale_replaced": 0, "resyncs": 0, "prefetches": 0}
+                      "compactions": 0, "host_evictions": 0, "stale_replaced": 0, "resyncs": 0, "prefetches": 0,
+                      "prefetch_installs": 0}
+        self._assigned: dict[str, None] = {}   # the routing table's adapters for this replica, largest share first
+        self._is_install_pending = False
         self._closed = threading.Event()
         self._subscription = None
         if isinstance(source, VersionedSource):
@@ -90,7 +78,7 @@ class AdapterCache:
         with self._lock:
             self._paths[adapter_id] = Path(path)
             old = self._entries.get(adapter_id)
-            entry = _Entry("ready", weights, version=f"path:{path}", is_from_path=True)
+            entry = AdapterEntry("ready", weights, version=f"path:{path}", is_from_path=True)
             if old is not None:
                 entry.num_waiting = old.num_waiting
                 self._retire(adapter_id, old)
@@ -183,6 +171,7 @@ class AdapterCache:
                 if entry.is_stale:
                     del self._stale[slot]
                     self._uninstall_entry(entry)
+                    self._is_install_pending = bool(self._assigned)
                 else:
                     self._device_lru[adapter_id] = None
 
@@ -195,6 +184,12 @@ class AdapterCache:
         if entry.status == "loading":
             return "loading"
         return "device" if entry.slot is not None else "host"
+
+    def facts(self, adapter_id: str) -> tuple[int, int] | None:
+        """(max rank, bytes) of the adapter held (ready) for adapter_id, None if none."""
+        entry = self._entries.get(adapter_id)
+        weights = entry.weights if entry is not None and entry.status == "ready" else None
+        return None if weights is None else (weights.max_rank, weights.num_bytes)
 
     def version(self, adapter_id: str) -> str | None:
         """The version held (ready) for adapter_id, None if none."""
@@ -210,6 +205,7 @@ class AdapterCache:
                 "num_pinned": sum(1 for e in self._entries.values() if e.num_pins > 0),
                 "num_host": len(self._host_lru),
                 "num_loading": sum(1 for e in self._entries.values() if e.status == "loading"),
+                "num_assigned": len(self._assigned),
                 "free_rows": self.pools.allocator.num_free_rows,
                 "num_validations": self.loader.num_validations,
                 "num_revalidations_skipped": self.loader.num_revalidations_skipped,
@@ -222,80 +218,17 @@ class AdapterCache:
             self._subscription.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    # -- freshness: events and resync -------------------------------------------------------------------
-    def resync(self) -> int:
-        """Compare every store adapter held with the source's current version now; retire stale and removed
-        copies (refetching the wanted ones). Returns how many were stale. StoreUnavailable: nothing changes."""
-        if not isinstance(self.source, VersionedSource):
-            return 0
-        with self._lock:
-            held = {a: e.version for a, e in self._entries.items() if e.status == "ready" and not e.is_from_path}
-        if not held:
-            return 0
-        current = self.source.current_versions(list(held))
-        num_stale = 0
-        with self._lock:
-            self.stats["resyncs"] += 1
-            for adapter_id, version in current.items():
-                entry = self._entries.get(adapter_id)
-                if entry is None or entry.status != "ready" or entry.is_from_path:
-                    continue
-                if version is None or is_older(entry.version, version):
-                    num_stale += 1
-                    self._replace_stale(adapter_id, entry, refetch=version is not None)
-        return num_stale
-
-    def _on_event(self, event: AdapterEvent) -> None:
-        if event.kind == "resync":   # the feed reconnected: events may have been missed
-            self._resync_quietly()
-            return
-        with self._lock:
-            entry = self._entries.get(event.adapter_id)
-            if entry is None or entry.is_from_path:
-                return
-            version = str(event.version)
-            if entry.status == "loading":   # its fetch may have read the version before this one
-                entry.newer_than = version if event.kind == "updated" else entry.newer_than
-                return
-            if event.kind == "removed":
-                self._replace_stale(event.adapter_id, entry, refetch=False)
-            elif entry.status == "ready" and is_older(entry.version, version):
-                self._replace_stale(event.adapter_id, entry, refetch=True)
-
-    def _resync_loop(self, interval_s: float) -> None:
-        while not self._closed.wait(interval_s):
-            self._resync_quietly()
-
-    def _resync_quietly(self) -> None:
-        try:
-            self.resync()
-        except StoreUnavailable as exc:   # keep serving what is held; the next resync tries again
-            logger.info("adapter resync skipped: %s", exc)
-        except Exception:
-            logger.exception("adapter resync failed")
-
-    def _replace_stale(self, adapter_id: str, entry: _Entry, *, refetch: bool) -> None:
-        """Retire a stale copy (under the lock); refetch at once if requests wait for it or it was on the device."""
-        self.stats["stale_replaced"] += 1
-        was_on_device = entry.slot is not None
-        del self._entries[adapter_id]
-        self._retire(adapter_id, entry)
-        # Requests in the engine move to the new entry (their unwatch lands there); if the adapter was removed,
-        # that fetch fails them with the store's answer.
-        if entry.num_waiting > 0 or (refetch and was_on_device):
-            self._start_fetch(adapter_id).num_waiting = entry.num_waiting
-
     # -- internals ------------------------------------------------------------------------------------
-    def _start_fetch(self, adapter_id: str) -> _Entry:
-        entry = self._entries[adapter_id] = _Entry("loading")
+    def _start_fetch(self, adapter_id: str) -> AdapterEntry:
+        entry = self._entries[adapter_id] = AdapterEntry("loading")
         self._executor.submit(self._fetch, adapter_id, entry)
         return entry
 
-    def _fetch(self, adapter_id: str, entry: _Entry) -> None:
+    def _fetch(self, adapter_id: str, entry: AdapterEntry) -> None:
         while True:
             version, weights, error = self._load(adapter_id)
             with self._lock:
-                if self._entries.get(adapter_id) is not entry:
+                if not self._is_current(adapter_id, entry):
                     return          # unloaded or replaced meanwhile
                 if error is None and entry.newer_than and is_older(version, entry.newer_than):
                     entry.newer_than = ""
@@ -304,6 +237,7 @@ class AdapterCache:
                     entry.status, entry.weights, entry.version = "ready", weights, version
                     entry.is_from_path = version.startswith("path:")
                     self.stats["loads"] += 1
+                    self._is_install_pending |= adapter_id in self._assigned
                     self._touch_host(adapter_id)
                     self._evict_host()
                 else:
@@ -312,6 +246,9 @@ class AdapterCache:
                     if entry.num_waiting <= 0:
                         del self._entries[adapter_id]
                 return
+
+    def _is_current(self, adapter_id: str, entry: AdapterEntry) -> bool:
+        return self._entries.get(adapter_id) is entry
 
     def _load(self, adapter_id: str) -> tuple[str, AdapterWeights | None, Exception | None]:
         try:
@@ -334,7 +271,11 @@ class AdapterCache:
     def _evict_host(self) -> None:
         """Drop host copies over the byte budget: oldest first, only adapters nobody waits for or runs."""
         total = sum(w.num_bytes for a in self._host_lru if (w := self._entries[a].weights) is not None)
-        for adapter_id in list(self._host_lru):
+        if total <= self.host_cache_max_bytes:
+            return
+        # Adapters the table does not assign here go first, then assigned ones, each oldest first.
+        order = sorted(self._host_lru, key=lambda a: a in self._assigned)   # stable: oldest first within each
+        for adapter_id in order:
             if total <= self.host_cache_max_bytes:
                 break
             entry = self._entries[adapter_id]
@@ -344,7 +285,7 @@ class AdapterCache:
             del self._entries[adapter_id], self._host_lru[adapter_id]
             self.stats["host_evictions"] += 1
 
-    def _retire(self, adapter_id: str, entry: _Entry) -> None:
+    def _retire(self, adapter_id: str, entry: AdapterEntry) -> None:
         """An entry leaves the table (replaced or unloaded): free its slot now, or when its last pin goes."""
         self._host_lru.pop(adapter_id, None)
         self._device_lru.pop(adapter_id, None)
@@ -356,7 +297,7 @@ class AdapterCache:
             entry.is_stale = True
             self._stale[entry.slot] = entry
 
-    def _uninstall_entry(self, entry: _Entry) -> None:
+    def _uninstall_entry(self, entry: AdapterEntry) -> None:
         assert entry.num_pins == 0 and entry.slot is not None
         self.pools.uninstall(entry.slot)
         entry.slot = None

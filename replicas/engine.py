@@ -75,6 +75,17 @@ class Engine:
     def unload_adapter(self, adapter_id: str) -> bool:
         return self.adapters.unload(adapter_id)
 
+    def assign_adapters(self, adapter_ids: list[str], sizes: dict[str, int] | None = None) -> int:
+        """The routing table's adapters for this replica, in priority order: fetched now as far as the host tier
+        holds them (`sizes`: bytes), installed on the device as room allows (at the next step, or
+        install_assigned()); returns how many fetches started."""
+        return self.adapters.assign(adapter_ids, sizes)
+
+    def install_assigned(self) -> int:
+        """Install fetched assigned adapters now (an idle replica has no step to do it); between steps only."""
+        with self._step_lock:
+            return self.adapters.install_assigned()
+
     # -- requests -----------------------------------------------------------------------------------
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"
@@ -118,6 +129,7 @@ class Engine:
         """One scheduling + forward + sampling round; outputs of every request that changed."""
         with self._step_lock:
             outputs = self._drain_inbox()
+            self.adapters.install_assigned()   # prefetched adapters into free room, before the scheduler pins
             sched = self.scheduler.schedule()
             for seq in sched.failed:
                 outputs.append(self._finalize(seq))

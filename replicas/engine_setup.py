@@ -14,6 +14,7 @@ from lorafleet.replicas.adapter_loader import AdapterLoader
 from lorafleet.replicas.adapter_pool import AdapterPools
 from lorafleet.replicas.attention import PagedKVCache
 from lorafleet.replicas.config import DEFAULT_CPU_KV_BYTES, EngineConfig
+from lorafleet.replicas.cpu_runtime import tune_malloc
 from lorafleet.replicas.kv_cache import BlockManager, KVLayout
 from lorafleet.replicas.model import LlamaModel
 from lorafleet.replicas.model_runner import ModelRunner
@@ -39,6 +40,8 @@ class EngineParts:
 def build_parts(model_dir: Path, config: EngineConfig, source: AdapterSource | None) -> EngineParts:
     device = torch.device(config.device)
     dtype = TORCH_DTYPES[config.dtype]
+    if device.type == "cpu":
+        tune_malloc()
     model_config = ModelConfig.from_model_dir(model_dir)
     spec = BaseModelSpec.from_model_dir(model_dir)
     tokenizer = Tokenizer.from_model_dir(model_dir, model_config.eos_token_ids)

@@ -30,6 +30,8 @@ class ModelRunner:
         self.pools = pools
         self.device = model.device
         self.block_size = kv.block_size
+        # CPU: adjacent fresh prompts of one length share one SDPA call (the GPU keeps one call per prompt).
+        self.is_batched_prefill = self.device.type == "cpu"
 
     def prepare(self, batch: list[ScheduledSeq], all_logits: bool = False) -> BatchInputs:
         """Flatten the batch (decodes first), map tokens to cache slots, build the step's adapter plans.
@@ -66,7 +68,7 @@ class ModelRunner:
             slot_mapping=slot_mapping.to(self.device),
             num_decodes=len(decode_tables),
             decode_gather=None, decode_mask=None,
-            prefills=tuple(self._prefill_span(lo, hi, ctx, table) for lo, hi, ctx, table in prefills),
+            prefills=self._prefill_spans(prefills),
         )
         if decode_tables:
             max_len = max(decode_lens)
@@ -96,6 +98,18 @@ class ModelRunner:
         padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64)
         block = torch.clamp(pos // self.block_size, max=width - 1)
         return padded[owner, block] * self.block_size + pos % self.block_size
+
+    def _prefill_spans(self, prefills: list[tuple[int, int, int, list[int]]]) -> tuple[PrefillSpan, ...]:
+        """One span per chunk, except that adjacent fresh prompts of one length share a span (one SDPA call)."""
+        spans: list[PrefillSpan] = []
+        for lo, hi, num_context, table in prefills:
+            last = spans[-1] if spans else None
+            if (self.is_batched_prefill and num_context == 0 and last is not None and last.gather is None
+                    and last.hi == lo and (last.hi - last.lo) // last.num_seqs == hi - lo):
+                spans[-1] = PrefillSpan(last.lo, hi, 0, None, None, last.num_seqs + 1)
+            else:
+                spans.append(self._prefill_span(lo, hi, num_context, table))
+        return tuple(spans)
 
     def _prefill_span(self, lo: int, hi: int, num_context: int, table: list[int]) -> PrefillSpan:
         if num_context == 0:

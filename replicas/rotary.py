@@ -95,3 +95,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin [..., head_dim] with rotate_half's minus folded into its first half, for apply_rope_rolled."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+
+def apply_rope_rolled(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """apply_rope in three ops instead of six (x cos + roll(x, half) signed_sin; the same products, each op is
+    a pass that a CPU pays for): x [T, heads, head_dim] (any strides), cos, sin_signed [T, head_dim]."""
+    out = x * cos[:, None, :]
+    return out.addcmul_(x.roll(x.shape[-1] // 2, -1), sin_signed[:, None, :])

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -33,6 +34,8 @@ from lorafleet.router.schemas import ChatCompletionRequest, CompletionRequest, M
 
 logger = logging.getLogger("lorafleet.router")
 REPLICA_HEADER = "x-lorafleet-replica"  # rank of the replica that served a non-streaming request
+ADAPTER_STATE_HEADER = "x-lorafleet-adapter-state"   # where its adapter was: base, device, host or cold
+ROUTER_HEADER = "x-lorafleet-router"   # which ingress replica answered (several may serve one app)
 UPLOAD_OVERHEAD_BYTES = 2 << 20  # adapter_config.json (at most 1 MiB) and the multipart framing
 
 
@@ -62,8 +65,12 @@ def create_app(get_core: Callable[[], RouterCore]) -> FastAPI:
         if req.stream:
             lines = await core.prepare_stream(req, tenant)
             return ClosingStreamingResponse(lines, media_type="text/event-stream")
-        body, replica = await core.complete(req, tenant)
-        headers = {REPLICA_HEADER: str(replica)} if replica is not None else None
+        body, served_by = await core.complete(req, tenant)
+        headers = {ROUTER_HEADER: core.config.router_id} if core.config.router_id else {}
+        if served_by is not None:
+            headers[ADAPTER_STATE_HEADER] = served_by.adapter_state
+            if served_by.replica_rank is not None:
+                headers[REPLICA_HEADER] = str(served_by.replica_rank)
         return JSONResponse(body.model_dump(), headers=headers)
 
     @app.post("/v1/completions")
@@ -247,5 +254,6 @@ class RouterDeployment:
 
         cfg = load_settings(**(settings or {}))
         store = AdapterStore.from_settings(cfg, base=cfg.model_dir)
-        install_core(RouterCore(ServeBackend(replica_handle), router_config(cfg), store, controller=controller,
+        config = replace(router_config(cfg), router_id=serve.get_replica_context().replica_id.unique_id)
+        install_core(RouterCore(ServeBackend(replica_handle), config, store, controller=controller,
                                 auth=api_keys_from_settings(cfg)))

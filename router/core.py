@@ -17,7 +17,15 @@ from typing import Any, Protocol
 
 from lorafleet.infra.adapter_ids import is_valid_adapter_id
 from lorafleet.infra.errors import AdapterNotFound, InvalidRequest, LoRAFleetError, StoreUnavailable
-from lorafleet.infra.replica_api import ChatTurn, GenerateRequest, StreamChunk, StreamError, StreamItem, TokenLogprob
+from lorafleet.infra.replica_api import (
+    ChatTurn,
+    GenerateRequest,
+    ServedBy,
+    StreamChunk,
+    StreamError,
+    StreamItem,
+    TokenLogprob,
+)
 from lorafleet.router.auth import OPEN, ApiKeys, Tenant
 from lorafleet.router.limits import InflightLimiter, RequestTimeout
 from lorafleet.router.metrics import RouterMetrics
@@ -63,6 +71,7 @@ class InProcessBackend:
 @dataclass(slots=True)
 class RouterConfig:
     base_model_name: str = "base"
+    router_id: str = ""   # this ingress replica (several may serve one app), named on every generation's answer
     default_max_tokens: int = 16
     max_tokens_limit: int = 4096
     max_prompt_chars: int = 200_000   # a string prompt, or the sum of chat message contents
@@ -93,7 +102,8 @@ class RouterCore:
         self.limiter = InflightLimiter(config.max_inflight_requests)
         self._registry_down_until = 0.0   # monotonic time before which resolve_model skips the registry
         self._lookups: dict[int, float] = {}   # registry lookups under way (event loop only) -> start time
-        self._known: dict[str, float] = {}     # adapter id -> until when the registry's "exists" holds here
+        # adapter id -> (until when the registry's "exists" holds here, its max rank, its PEFT type)
+        self._known: dict[str, tuple[float, int, str]] = {}
 
     # -- model names ------------------------------------------------------------------------------
     def resolve_model(self, model: str, tenant: Tenant = OPEN, *, check_registry: bool = True) -> str | None:
@@ -107,12 +117,12 @@ class RouterCore:
             raise AdapterNotFound(f"model '{model}' does not exist")
         now = time.monotonic()
         if (check_registry and self.store is not None and now >= self._registry_down_until
-                and self._known.get(adapter_id, 0.0) < now):
+                and self._known_until(adapter_id) < now):
             try:
-                self.store.current(adapter_id)
+                record = self.store.current(adapter_id)
                 if len(self._known) > KNOWN_MAX:
                     self._known.clear()
-                self._known[adapter_id] = now + KNOWN_TTL_S
+                self._known[adapter_id] = (now + KNOWN_TTL_S, record.max_rank, record.peft_type)
             except AdapterNotFound:
                 raise AdapterNotFound(f"model '{model}' does not exist") from None
             except StoreUnavailable:
@@ -121,12 +131,16 @@ class RouterCore:
                 self._registry_down_until = time.monotonic() + REGISTRY_RETRY_S
         return adapter_id
 
+    def _known_until(self, adapter_id: str) -> float:
+        known = self._known.get(adapter_id)
+        return 0.0 if known is None else known[0]
+
     async def _resolve(self, model: str, tenant: Tenant) -> str | None:
         """resolve_model off the event loop when it asks the registry (a Redis round trip; after a Redis loss, the
         registry's rebuild from the object store), so one slow lookup does not stall every stream."""
         now, base = time.monotonic(), self.config.base_model_name
         adapter_id = model.split(":", 1)[1] if model.startswith(f"{base}:") else model
-        if self.store is None or model == base or self._known.get(adapter_id, 0.0) >= now:
+        if self.store is None or model == base or self._known_until(adapter_id) >= now:
             return self.resolve_model(model, tenant)   # no registry round trip: nothing to take off the loop
         if now < self._registry_down_until or any(now - t > SLOW_LOOKUP_S for t in self._lookups.values()):
             # Redis failed lately, or a lookup already hangs: route without the registry instead of queueing
@@ -167,8 +181,12 @@ class RouterCore:
             raise InvalidRequest(f"prompt has {num_chars} characters; at most {cfg.max_prompt_chars} "
                                  "(max_prompt_chars)")
         is_chat = isinstance(req, ChatCompletionRequest)
+        # The registry's rank and type of the adapter, as last looked up (kept past KNOWN_TTL_S: a version's rank
+        # rarely changes, and a replica that cannot run a new one answers why), for the request router.
+        _, rank, peft_type = self._known.get(adapter_id or "", (0.0, None, None))
         return GenerateRequest(
-            request_id=new_id("req"), adapter_id=adapter_id, max_tokens=max_tokens, temperature=req.temperature,
+            request_id=new_id("req"), adapter_id=adapter_id, adapter_rank=rank, adapter_type=peft_type,
+            max_tokens=max_tokens, temperature=req.temperature,
             top_p=req.top_p, seed=req.seed, stop=tuple(req.stop or ()), logprobs=req.num_logprobs,
             messages=tuple(ChatTurn(m.role, m.content) for m in req.messages) if is_chat else None,
             prompt=None if is_chat else (req.prompt if isinstance(req.prompt, str) else tuple(req.prompt)),
@@ -218,30 +236,29 @@ class RouterCore:
         self.metrics.tokens.labels(label, "completion").inc(num_tokens)
 
     async def complete(self, req: CompletionRequest | ChatCompletionRequest, tenant: Tenant = OPEN
-                       ) -> tuple[CompletionResponse | ChatCompletionResponse, int | None]:
-        """The whole answer, and the rank of the replica that served it."""
+                       ) -> tuple[CompletionResponse | ChatCompletionResponse, ServedBy | None]:
+        """The whole answer, and which replica served it (rank, where the adapter was)."""
         adapter_id = await self._resolve(req.model, tenant)
         request = self._replica_request(req, adapter_id)
         text, finish, usage = [], None, Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
-        replica, entries = None, list[TokenLogprob]()
+        served_by, entries = None, list[TokenLogprob]()
         async with aclosing(self._items(request)) as items:   # release the slot on any exit
             async for item in items:
                 text.append(item.text)
                 entries += item.logprobs or ()
                 finish = item.finish_reason or finish
                 usage = _usage(item)
-                if item.served_by is not None:
-                    replica = item.served_by.replica_rank
+                served_by = item.served_by or served_by
         if isinstance(req, ChatCompletionRequest):
             message = ChatChoiceMessage(content="".join(text))
             chat_logprobs = None if req.num_logprobs is None else ChatLogprobs.from_entries(entries)
             choices = [ChatChoice(message=message, finish_reason=finish, logprobs=chat_logprobs)]
-            return ChatCompletionResponse(model=req.model, choices=choices, usage=usage), replica
+            return ChatCompletionResponse(model=req.model, choices=choices, usage=usage), served_by
         prompt = req.prompt if req.echo and isinstance(req.prompt, str) else ""
         # With echo, only the completion's tokens have logprobs (no prompt logprobs); offsets count the prompt.
         logprobs = None if req.num_logprobs is None else CompletionLogprobs.from_entries(entries, len(prompt))
         choices = [CompletionChoice(text=prompt + "".join(text), finish_reason=finish, logprobs=logprobs)]
-        return CompletionResponse(model=req.model, usage=usage, choices=choices), replica
+        return CompletionResponse(model=req.model, usage=usage, choices=choices), served_by
 
     async def prepare_stream(self, req: CompletionRequest | ChatCompletionRequest, tenant: Tenant = OPEN
                              ) -> AsyncIterator[str]:

@@ -10,7 +10,7 @@ from typing import Any
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
-from lorafleet.infra.replica_api import RoutingStats
+from lorafleet.infra.replica_api import GenerateRequest, RoutingStats
 from lorafleet.placement.routing_table import RoutingTable
 from lorafleet.router.routing_policy import POLICIES, ReplicaView
 
@@ -36,7 +36,10 @@ class TableCache:
 
     def get(self) -> RoutingTable | None:
         if self.redis_url and self._poller is None:
+            # The first request of this router reads the table itself (one GET, ~1 ms; at most the 1 s connect
+            # timeout while Redis is down): a router that never routed must not send it by the hash default.
             self._poller = threading.Thread(target=self._poll, daemon=True, name="lorafleet-table-refresh")
+            self.refresh_now()
             self._poller.start()
         return self._table
 
@@ -82,8 +85,12 @@ class TableCache:
 
 def replica_view(replica: RunningReplica) -> ReplicaView:
     stats = RoutingStats.from_dict(replica.routing_stats)   # {} until the replica's first report
-    return ReplicaView(rank=stats.rank, queue_len=stats.queue_len, resident=frozenset(stats.resident_adapters),
-                       replica=replica)
+    rank = stats.rank
+    if rank is None:   # no stats yet: the rank the replica recorded at start (record_replica_metadata)
+        recorded = (getattr(replica, "replica_metadata", None) or {}).get("rank")
+        rank = recorded if type(recorded) is int else None
+    return ReplicaView(rank=rank, queue_len=stats.queue_len, resident=frozenset(stats.resident_adapters),
+                       replica=replica, max_rank=stats.max_rank, adapter_types=stats.adapter_types)
 
 
 class ViewCache:
@@ -122,6 +129,9 @@ class LoRAFleetRequestRouter(FIFOMixin, RequestRouter):
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         adapter_id = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
+        request = pending_request.args[0] if pending_request is not None and pending_request.args else None
+        rank, peft_type = ((request.adapter_rank, request.adapter_type) if isinstance(request, GenerateRequest)
+                           else (None, None))
         views = self.view_cache.views(candidate_replicas)
-        tiers = self.policy.choose(adapter_id or None, views, self.tables.get(), self.rng)
+        tiers = self.policy.choose(adapter_id or None, views, self.tables.get(), self.rng, rank, peft_type)
         return [[v.replica for v in tier] for tier in tiers]

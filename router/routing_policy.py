@@ -4,18 +4,21 @@ The names and the target-rank logic are the simulator's too (lorafleet.placement
 A policy turns (adapter id, live replicas, routing table) into tiers of replicas, most preferred first;
 Ray Serve sends the request to the least-queued replica with room in the first tier that has one. The
 fallback tiers are the same for every policy: replicas already holding the adapter (least queued first),
-then every other live replica. Dead replicas never appear: Serve drops them from the candidates.
+then every other live replica. Dead replicas never appear: Serve drops them from the candidates, and neither do
+replicas that cannot run the adapter (its rank above their max_rank, a PEFT type their engine lacks: a vLLM
+replica of a lower rank class) while any replica can.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any
 
-from lorafleet.placement.policies import affinity_rank, random_rank
+from lorafleet.placement.policies import affinity_rank, choose_weighted_p2c, random_rank
 from lorafleet.placement.routing_table import RoutingTable
 
 Tiers = list[list["ReplicaView"]]
@@ -29,6 +32,13 @@ class ReplicaView:
     queue_len: int = 0
     resident: frozenset[str] = frozenset()
     replica: Any = field(default=None, repr=False)
+    max_rank: int | None = None           # the largest adapter rank it runs (None: not reported)
+    adapter_types: tuple[str, ...] = ()   # the PEFT types it runs; () = every type
+
+    def can_run(self, rank: int | None, peft_type: str | None) -> bool:
+        """Whether an adapter of this rank and type runs here (a fact unknown on either side: assume it does)."""
+        return ((rank is None or self.max_rank is None or rank <= self.max_rank)
+                and (peft_type is None or not self.adapter_types or peft_type in self.adapter_types))
 
 
 class RoutingPolicy(ABC):
@@ -37,11 +47,15 @@ class RoutingPolicy(ABC):
     name: str
 
     def choose(self, adapter_id: str | None, replicas: list[ReplicaView], table: RoutingTable | None,
-               rng: random.Random) -> Tiers:
-        """Tiers: the target rank; then replicas holding the adapter; then the rest (each least queued first).
-        One sort and one pass over the replicas per request."""
+               rng: random.Random, rank: int | None = None, peft_type: str | None = None) -> Tiers:
+        """Tiers: the target rank; then replicas holding the adapter; then the rest (each least queued first),
+        only replicas that can run an adapter of `rank` and `peft_type` (the registry's, None = unknown) while
+        any can (else every replica: the one chosen answers why it cannot). One sort, two passes per request."""
         if not replicas:
             return []
+        if rank is not None or peft_type is not None:
+            able = [r for r in replicas if r.can_run(rank, peft_type)]
+            replicas = able or replicas
         ordered = sorted(replicas, key=_queue_len)
         if not adapter_id:  # the base model: every replica serves it equally well
             return [ordered]
@@ -72,14 +86,20 @@ def _live_ranks(replicas: list[ReplicaView]) -> list[int]:
 
 
 class RankAwarePolicy(RoutingPolicy):
-    """LoRAServe: sample the solver's probabilistic table; adapters not in it use its consistent-hash default."""
+    """LoRAServe's probabilistic table, load-aware within it: among an adapter's table replicas the shorter queue of
+    two weighted draws (choose_weighted_p2c; a rank without a live replica counts as infinitely long); adapters
+    not in the table use its consistent-hash default."""
 
     name = "rank-aware"
 
     def target(self, adapter_id, replicas, table, rng):
         if table is None:   # none published yet: the affinity choice
             return affinity_rank(adapter_id, _live_ranks(replicas))
-        return table.sample(adapter_id, rng)
+        entry = table.entries.get(adapter_id)
+        if entry is None or len(entry) == 1:
+            return table.sample(adapter_id, rng)
+        queues = {r.rank: r.queue_len for r in replicas}
+        return choose_weighted_p2c(entry, lambda rank: queues.get(rank, math.inf), rng)
 
 
 class RandomPolicy(RoutingPolicy):

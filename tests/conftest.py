@@ -7,8 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import Phase, settings
 
 torch.set_num_threads(2)
+
+# Hypothesis in CI: the same examples on every run (a red build is reproducible, a green one not luck), and no
+# "explain" phase, whose line tracer slows shrinking of a failure by 10-100x.
+settings.register_profile("lorafleet", derandomize=True, phases=[Phase.explicit, Phase.reuse, Phase.generate,
+                                                                  Phase.target, Phase.shrink])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "lorafleet"))
 
 
 def _import_triton_for_the_interpreter() -> None:

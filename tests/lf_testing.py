@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -250,3 +251,212 @@ def seed_demand(client, prefix: str, num_adapters: int, num_periods: int):
         for k in range(num_periods):
             counters.record(f"ad-{i}", 40_000 // (i + 1), 10, now=now - 30 * k)
     return tables
+
+
+def simulated_points_file() -> str:
+    """The simulator's packaged operating points (7B, simulated): for placement tests without served replicas."""
+    from importlib import resources
+
+    return str(resources.files("lorafleet.placement").joinpath("operating_points.json"))
+
+
+class LocalRayCluster:
+    """A real multi-node Ray cluster on this machine: a head and worker raylets started with `ray start` as separate
+    processes with their own resources (Ray 2.60 turns token authentication on: every client here gets
+    RAY_AUTH_MODE=token and this cluster's own RAY_AUTH_TOKEN). Its GCS is on a free port, never Redis's 6379.
+    stop() kills exactly this cluster's processes (the ones under its own temp dir): other Ray instances on the
+    machine are left alone."""
+
+    def __init__(self, *, head_resources: dict, worker_resources: list[dict], worker_cpus: int = 1) -> None:
+        import secrets
+        import uuid
+
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.address = f"127.0.0.1:{self.gcs_port}"
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        self.temp_dir = f"/tmp/lfray-{uuid.uuid4().hex[:8]}"   # short: Ray's socket paths must fit in 107 bytes
+        self.head_resources, self.worker_resources, self.worker_cpus = head_resources, worker_resources, worker_cpus
+        # its own token: on a fresh machine there is no ~/.ray/auth_token until some local ray.init() writes one
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+        self.worker_raylets: list[int] = []   # pid of each worker's raylet, in start order
+
+    def _ray(self, *args: str) -> None:
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        ray = str(Path(sys.executable).parent / "ray")
+        result = subprocess.run([ray, "start", *args, "--disable-usage-stats"], env=self.env, capture_output=True,
+                                text=True, timeout=180)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    def raylet_pids(self) -> set[int]:
+        import psutil
+
+        pids = set()
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            cmd = " ".join(proc.info["cmdline"] or ())
+            if self.temp_dir in cmd and "raylet/raylet" in cmd:
+                pids.add(proc.info["pid"])
+        return pids
+
+    def start(self) -> LocalRayCluster:
+        self._ray("--head", f"--port={self.gcs_port}", "--num-cpus=1", f"--resources={json.dumps(self.head_resources)}",
+                  "--include-dashboard=true", f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.temp_dir}")
+        for resources in self.worker_resources:
+            before = self.raylet_pids()
+            self._ray(f"--address={self.address}", f"--num-cpus={self.worker_cpus}",
+                      f"--resources={json.dumps(resources)}")
+            (new,) = self.raylet_pids() - before
+            self.worker_raylets.append(new)
+        return self
+
+    def kill_worker(self, index: int) -> None:
+        """The worker node dies: its raylet and every process it started (replicas included), SIGKILL."""
+        import psutil
+
+        raylet = psutil.Process(self.worker_raylets[index])
+        for proc in [*raylet.children(recursive=True), raylet]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+
+    def stop(self) -> None:
+        import psutil
+
+        # the cluster's own processes carry its temp dir; their workers (replicas, dashboard agents) only their parent
+        procs = [p for p in psutil.process_iter(["pid", "cmdline"])
+                 if self.temp_dir in " ".join(p.info["cmdline"] or ())]
+        for proc in list(procs):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                procs += proc.children(recursive=True)
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        import shutil
+
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def run(self, *args: str, timeout_s: float = 120) -> str:
+        """A Ray / Serve CLI command against this cluster (`serve deploy ...`, `ray list ...`); its stdout."""
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        tool = str(Path(sys.executable).parent / args[0])
+        result = subprocess.run([tool, *args[1:]], env=self.env, capture_output=True, text=True, timeout=timeout_s)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+
+def vllm_python():
+    """The vLLM replicas' interpreter, .venv-vllm/bin/python (`make test` builds it): the test fails, not skips,
+    when it is missing."""
+    from pathlib import Path
+
+    import pytest
+
+    path = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: `make vllm-venv` builds it (`make test` does)")
+    return path
+
+
+def run_in_vllm_venv(script, job: dict, timeout_s: float = 900.0, num_threads: int = 2) -> dict:
+    """Run `script` with the vLLM venv's interpreter, `job` as JSON on stdin; its last stdout line parsed as JSON."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(num_threads), "VLLM_LOGGING_LEVEL": "WARNING"}
+    result = subprocess.run([str(vllm_python()), str(script)], input=json.dumps(job), capture_output=True, text=True,
+                            timeout=timeout_s, env=env)
+    assert result.returncode == 0, f"{script} failed:\n{result.stderr[-6000:]}"
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def replica_actor_names() -> set[str]:
+    """Names of the served app's replica actors (a replaced replica gets a new name)."""
+    import ray
+
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("SERVE_REPLICA::lorafleet#replica#")}
+
+
+def num_running_replicas() -> int:
+    from ray import serve
+
+    status = serve.status().applications["lorafleet"].deployments["replica"]
+    return status.replica_states.get("RUNNING", 0)
+
+
+def run_load(url: str, bodies: list[dict], concurrency: int, on_progress=None, headers: dict | None = None,
+             path: str = "/v1/completions", timeout_s: float = 120.0) -> list[dict]:
+    """POST every body (bounded concurrency); one record per request: its body, start/end time (monotonic), the
+    response (None for a dropped connection, with `exc`). `on_progress(num_done)` is awaited after each answer."""
+    import asyncio
+    import time
+
+    import httpx
+
+    records: list[dict] = []
+
+    async def main() -> None:
+        sem = asyncio.Semaphore(concurrency)
+        async with httpx.AsyncClient(timeout=timeout_s, headers=headers) as client:
+
+            async def one(body: dict) -> None:
+                async with sem:
+                    record = {"body": body, "start": time.monotonic()}
+                    try:
+                        record["response"] = await client.post(f"{url}{path}", json=body)
+                    except httpx.HTTPError as exc:
+                        record["response"], record["exc"] = None, repr(exc)
+                    record["end"] = time.monotonic()
+                    records.append(record)
+                    if on_progress is not None:
+                        await on_progress(len(records))
+
+            await asyncio.gather(*(one(b) for b in bodies))
+
+    asyncio.run(main())
+    return records
+
+
+def healthz_ok(url: str) -> bool:
+    """The app's /healthz answers 200 (False while it is starting or gone)."""
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+class BusyReplicaKiller:
+    """on_progress hook of a load run: from the `start_at`-th answer on, SIGKILL (ray.kill) the first Serve replica
+    actor of `actor_names` that reports requests in flight (from the `force_at`-th answer: any). Afterwards
+    `kill_at` holds the monotonic time of the kill and `victim` its actor name, rank and requests in flight."""
+
+    def __init__(self, actor_names, start_at: int, force_at: int, stats_timeout_s: float = 30.0) -> None:
+        self.actor_names, self.start_at, self.force_at = sorted(actor_names), start_at, force_at
+        self.stats_timeout_s = stats_timeout_s
+        self.kill_at: list[float] = []
+        self.victim: dict = {}
+
+    async def __call__(self, num_done: int) -> None:
+        import asyncio
+        import time
+
+        import ray
+
+        if self.victim or num_done < self.start_at:
+            return
+        self.victim["name"] = None   # claimed: answers arriving while this awaits the stats do not kill again
+        for name in self.actor_names:
+            actor = ray.get_actor(name, namespace="serve")
+            stats = await asyncio.wait_for(actor.record_routing_stats.remote(), self.stats_timeout_s)
+            if stats.get("num_inflight", 0) > 0 or num_done >= self.force_at:
+                self.kill_at.append(time.monotonic())
+                ray.kill(actor, no_restart=True)
+                self.victim.update(name=name, rank=stats.get("rank"), num_inflight=stats.get("num_inflight"))
+                return
+        self.victim.clear()   # nothing in flight on any replica: try again at the next answer

@@ -31,6 +31,7 @@ def test_bench_runs_end_to_end_on_tiny(tmp_path, tiny_model_dir):
     assert names[:4] == ["base model", "1 adapters r4", "3 adapters r4", "3 adapters r4/8"]
     assert len(names) == 7 and names[-1] == "ours on the baselines' workload"   # 2 adapters: not among the counts
     assert all(r["output_tokens_per_s"] > 0 for r in result["runs"])
+    assert all(r["cpu_s"] > 0 and r["output_tokens_per_cpu_s"] > 0 for r in result["runs"] if "ttft_mean_s" in r)
     path = write_result("engine", result, tmp_path / "out", command="pytest")
     saved = json.loads(path.read_text())
     assert path.parent == tmp_path / "out" and saved["benchmark"] == "engine" and saved["runs"] == result["runs"]
@@ -54,3 +55,28 @@ def test_command_writes_json(tmp_path, tiny_model_dir, capsys):
     assert [r["name"] for r in saved["runs"]] == ["base model", "1 adapters r8", "2 adapters r8",
                                                   "2 adapters r8/16/32/64"]
     assert saved["spec"]["num_requests"] == 2 and saved["hardware"]["torch_threads"] == 1
+
+
+def test_vllm_table_and_goals_by_wall_and_cpu_time():
+    """ours / vLLM per workload and max_lora_rank, by wall time and by process CPU time (runs made up)."""
+    from lorafleet.benchmarks.engine_report import vllm_goals_line, vllm_rows
+
+    def run(name: str, wall: float, cpu: float) -> dict:
+        return {"name": name, "num_adapters": 0, "output_tokens_per_s": wall, "output_tokens_per_cpu_s": cpu,
+                "total_tokens_per_s": 2 * wall, "gflops": 1.0}
+
+    spec = {"adapter_counts": [1, 64], "rank": 8, "mixed_ranks": [8, 64], "vllm_max_lora_ranks": [64, 8]}
+    result = {"spec": spec, "runs": [run("base model", 100, 200), run("64 adapters r8", 90, 180),
+                                     run("64 adapters r8/64", 80, 160)],
+              "vllm": {"runs": [run("vLLM max_lora_rank 64: base model", 50, 160),
+                                run("vLLM max_lora_rank 64: 64 adapters r8/64", 20, 40),
+                                run("vLLM max_lora_rank 8: 64 adapters r8", 60, 90)]}}
+    header, body = vllm_rows(result)
+    assert header == ("run", "LoRAFleet out tok/s", "vLLM r64", "ours / r64", "ours / r64 (CPU)", "vLLM r8",
+                      "ours / r8", "ours / r8 (CPU)")
+    assert body[0] == ("base model", "100.0", "50.0", "2.00x", "1.25x", "—", "—", "—")
+    assert body[1][5:] == ("60.0", "1.50x", "2.00x")
+    line = vllm_goals_line(result)
+    assert "base model / vLLM max_lora_rank 64 = 2.00 (1.25 by CPU time) (goal >= 1.3)" in line
+    assert "64 adapters r8 / vLLM max_lora_rank 8 = 1.50 (2.00 by CPU time) (goal >= 1.5)" in line
+    assert "64 adapters r8/64 / vLLM max_lora_rank 64 = 4.00 (4.00 by CPU time) (goal >= 3.0)" in line

@@ -17,7 +17,7 @@ import httpx
 import psutil
 import pytest
 import redis
-from lf_testing import free_port
+from lf_testing import free_port, simulated_points_file
 
 from lorafleet.cluster.demo import DEMO_ADAPTERS, TRAINED_ADAPTERS
 
@@ -31,7 +31,9 @@ def test_demo_serves_then_stops_cleanly(tmp_path, smollm2_dir):
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "smollm2-135m").symlink_to(smollm2_dir.resolve())   # the converted model, not again
     port, prefix = free_port(), f"lftest-{uuid.uuid4().hex[:10]}"
-    env = {**os.environ, "LORAFLEET_REDIS_PREFIX": prefix}
+    # The demo's first start also profiles SmolLM2 for placement (a minute on 2 cores); tests/replicas/test_profiler.py
+    # covers that, so here the simulator's capacities stand in.
+    env = {**os.environ, "LORAFLEET_REDIS_PREFIX": prefix, "LORAFLEET_OPERATING_POINTS": simulated_points_file()}
     demo = subprocess.Popen([str(Path(sys.executable).parent / "lorafleet"), "demo", "--root", str(tmp_path),
                              "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)

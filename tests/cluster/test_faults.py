@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from lf_testing import FreezableProxy, wait_until
+from lf_testing import BusyReplicaKiller, FreezableProxy, wait_until
 
 from lorafleet.cluster.demo import DEMO_ADAPTERS, prepare_assets
 from lorafleet.cluster.serving import serve_app
@@ -204,32 +204,17 @@ def _run_load(url: str, pairs: list[tuple[str | None, str]], concurrency: int, o
 
 
 def test_replica_killed_mid_load(served, offline_answers):
-    import ray
 
     url = served[0]
     _wait_both_replicas(url)
     before = _replica_actors()
     assert len(before) == 2, before
     pairs = [(LOAD_IDS[i % len(LOAD_IDS)], PROMPTS[i % len(PROMPTS)]) for i in range(40)]
-    kill_at: list[float] = []
-    victim: dict = {}
+    # from the 10th answer on, kill the first replica that reports requests in flight (the 30th: any)
+    killer = BusyReplicaKiller(before, start_at=10, force_at=30, stats_timeout_s=10.0)
+    kill_at, victim = killer.kill_at, killer.victim
 
-    async def kill_busy_replica(num_done: int) -> None:
-        """From the 10th answer on, kill the first replica that reports requests in flight (the 30th: any)."""
-        if victim or num_done < 10:
-            return
-        victim["name"] = None  # claimed: answers arriving while this awaits the stats do not kill again
-        for name in sorted(before):
-            actor = ray.get_actor(name, namespace="serve")
-            stats = await asyncio.wait_for(actor.record_routing_stats.remote(), 10.0)
-            if stats.get("num_inflight", 0) > 0 or num_done >= 30:
-                kill_at.append(time.monotonic())
-                ray.kill(actor, no_restart=True)
-                victim.update(name=name, rank=stats.get("rank"), num_inflight=stats.get("num_inflight"))
-                return
-        victim.clear()  # nothing in flight on either replica: try again at the next answer
-
-    records = _run_load(url, pairs, concurrency=4, on_progress=kill_busy_replica)
+    records = _run_load(url, pairs, concurrency=4, on_progress=killer)
     assert kill_at, "the kill never ran"
     ok = [r for r in records if r["response"] is not None and r["response"].status_code == 200]
     failed = [r for r in records if r not in ok]

@@ -10,7 +10,7 @@ import uuid
 import httpx
 import pytest
 import redis
-from lf_testing import REDIS_URL, delete_prefix, free_port
+from lf_testing import REDIS_URL, delete_prefix, free_port, simulated_points_file
 
 from lorafleet.cluster.demo import TRAINED_ADAPTERS
 from lorafleet.cluster.serving import serve_app
@@ -32,6 +32,7 @@ def served(smollm2_dir, trained_adapters, tmp_path_factory):
         model_dir=str(smollm2_dir.resolve()), store_url=str(root / "store"), redis_url=REDIS_URL, redis_prefix=prefix,
         num_replicas=2, http_port=free_port(), base_model_name=BASE, max_num_seqs=32, max_batched_tokens=1024,
         kv_cache_bytes=64 << 20, max_adapters=4, max_rank=16, rebalance_period_s=3600.0,
+        operating_points=simulated_points_file(),   # not about placement: skip the first-start profile
     )
     store = AdapterStore.from_settings(settings)
     for adapter_id in KINDS:

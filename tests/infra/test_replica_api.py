@@ -57,21 +57,24 @@ def test_overloaded_and_not_found_keep_their_status():
 
 def test_routing_stats_round_trip_and_tolerate_what_serve_hands_over():
     stats = RoutingStats(rank=3, queue_len=5, num_inflight=2, resident_adapters=("a", "b"), tokens_per_s=1.5,
-                         kv_used=0.25)
+                         kv_used=0.25, max_rank=8, adapter_types=("LORA",))
     assert RoutingStats.from_dict(stats.to_dict()) == stats
     assert RoutingStats.from_dict({}) == RoutingStats(rank=None)   # a replica that has not reported yet
     assert RoutingStats.from_dict(None) == RoutingStats(rank=None)
-    odd = RoutingStats.from_dict({"rank": True, "queue_len": -3, "resident_adapters": "ab", "kv_used": float("nan")})
+    odd = RoutingStats.from_dict({"rank": True, "queue_len": -3, "resident_adapters": "ab", "kv_used": float("nan"),
+                                  "max_rank": 0, "adapter_types": [1]})
     assert odd == RoutingStats(rank=None)
 
 
 @given(st.dictionaries(st.sampled_from(["rank", "queue_len", "num_inflight", "resident_adapters", "tokens_per_s",
-                                        "kv_used", "other"]),
+                                        "kv_used", "max_rank", "adapter_types", "other"]),
                        st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=3),
                                  st.lists(st.one_of(st.text(max_size=3), st.integers()), max_size=3))))
 def test_routing_stats_from_any_dict_never_raise(data):
     stats = RoutingStats.from_dict(data)
     assert stats.queue_len >= 0 and all(isinstance(a, str) for a in stats.resident_adapters)
+    assert stats.max_rank is None or stats.max_rank > 0
+    assert all(isinstance(t, str) for t in stats.adapter_types)
 
 
 def test_generate_request_needs_one_prompt_kind_and_a_token():

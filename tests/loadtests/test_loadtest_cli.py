@@ -18,6 +18,8 @@ from lorafleet.cluster.cli import main
     (["--sweep", "2,4", "--slo-ttft-p95", "0.5", "--policy-compare"], "--sweep and --policy-compare"),
     (["--sweep", "2,fast", "--slo-ttft-p95", "0.5"], "bad --sweep"),
     (["--host", "http://127.0.0.1:9", "--stop-early"], "--stop-early only applies to --sweep"),
+    (["--sweep", "2", "--slo-ttft-p95", "0.5", "--engine", "trt"], "--engine is lorafleet or vllm"),
+    (["--sweep", "2", "--slo-ttft-p95", "0.5", "--vllm-max-lora-rank", "64"], "--vllm-max-lora-rank needs --engine"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, fragment):
     out = tmp_path / "report"

@@ -4,6 +4,8 @@ two-rate capacity sweep (about 5 s per rate) against the same app."""
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 from matplotlib.image import imread
@@ -29,9 +31,16 @@ def demo_url(tmp_path_factory):
 @pytest.fixture(scope="module")
 def report(demo_url, tmp_path_factory):
     out = tmp_path_factory.mktemp("loadtest-report")
-    config = LoadTestConfig(host=demo_url, rate=3.0, duration_s=10.0, num_adapters=12, zipf=1.1, out_dir=out,
-                            slo_ttft_p95_s=30.0, prompt_tokens=8, output_tokens=8, drain_s=20.0)
-    summaries = run_loadtest(config, console=Console(record=True, width=120))
+    # A relative report folder, as the CLI's default is (Locust runs inside it: a relative path once broke it).
+    cwd = os.getcwd()
+    os.chdir(out.parent)
+    try:
+        config = LoadTestConfig(host=demo_url, rate=3.0, duration_s=10.0, num_adapters=12, zipf=1.1,
+                                out_dir=Path(out.name), slo_ttft_p95_s=30.0, prompt_tokens=8, output_tokens=8,
+                                drain_s=20.0)
+        summaries = run_loadtest(config, console=Console(record=True, width=120))
+    finally:
+        os.chdir(cwd)
     return out, summaries["loadtest"]
 
 
@@ -58,6 +67,9 @@ def test_summary_counts_match_locust(report):
     assert json.loads((out / "summary.json").read_text())["num_requests"] == summary["num_requests"]
     locust = locust_counts(out / "locust_stats.csv")
     assert summary["num_requests"] == locust["num_requests"] == len(load_records(out / "records.jsonl"))
+    # Where each request found its adapter, read from the router's metrics around the run: one per request.
+    num_ok = sum(r["ok"] for r in load_records(out / "records.jsonl"))
+    assert sum(summary["adapter_states"].values()) == num_ok and summary["adapter_states"].get("base", 0) == 0
     assert summary["num_errors"] == locust["num_failures"]
     # Poisson(30) requests planned; every one of them answered within the drain time.
     assert summary["num_requests"] == summary["params"]["num_planned"] and 12 <= summary["num_requests"] <= 55
@@ -107,3 +119,19 @@ def test_sweep_rows_equal_the_rates_and_all_meet_a_loose_slo(sweep):
         assert row["num_errors"] == 0 and row["is_pass"] and row["ttft_p95_s"] <= 30.0
     assert top["capacity"]["verdict"] == "all met" and top["capacity"]["capacity_rps"] == 4.0
     assert "Capacity at SLO: all met" in (out / "report.md").read_text()
+
+
+def test_adapter_states_are_read_from_the_routers_metrics():
+    """What the replicas found (cold = fetched from the store) per request, summed over replicas."""
+    from prometheus_client import generate_latest
+
+    from lorafleet.infra.replica_api import ServedBy
+    from lorafleet.loadtests.runner import adapter_states_from_metrics
+    from lorafleet.router.metrics import RouterMetrics
+
+    metrics = RouterMetrics()
+    for rank, state in ((0, "cold"), (1, "cold"), (0, "device"), (1, "host"), (1, "device"), (0, "device")):
+        metrics.observe_first(ServedBy(rank, state, 0.01), 0.01)
+    text = generate_latest(metrics.registry).decode()
+    assert adapter_states_from_metrics(text) == {"cold": 2, "device": 3, "host": 1}
+    assert adapter_states_from_metrics("") == {}

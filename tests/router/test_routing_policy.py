@@ -127,15 +127,32 @@ def test_policies_register_by_name():
 
 
 # -- rank-aware: the table's probabilities, the consistent-hash default for unknown adapters ----------
-def test_rank_aware_follows_the_table_probabilities():
+def test_rank_aware_follows_the_table_probabilities_when_queues_are_equal():
     probabilities = {0: 0.1, 2: 0.25, 3: 0.65}
     table = RoutingTable(5, {"hot": tuple(probabilities.items())}, version=3)
-    replicas = views(0, 1, 2, 3, 4, queue={0: 40, 3: 1})  # queues do not bend the table's choice
+    replicas = views(0, 1, 2, 3, 4, queue={0: 5, 2: 5, 3: 5})
     rng, policy, n = random.Random(1234), RankAwarePolicy(), 20_000
     counts = Counter(policy.choose("hot", replicas, table, rng)[0][0].rank for _ in range(n))
     assert set(counts) <= set(probabilities), "only replicas in the table's entry come first"
     for rank, p in probabilities.items():
         assert within_5_sigma(counts[rank], n, p), (rank, counts[rank], n * p)
+
+
+def test_rank_aware_prefers_the_shorter_queue_of_two_weighted_draws():
+    """Power of two choices within the table: two different replicas drawn with the table's weights (the second
+    among the rest), the shorter queue wins: the longest queue never, the middle one only against the longest."""
+    table = RoutingTable(5, {"hot": ((0, 0.1), (2, 0.25), (3, 0.65))})
+    replicas = views(0, 1, 2, 3, 4, queue={0: 40, 2: 10, 3: 1})
+    rng, policy, n = random.Random(99), RankAwarePolicy(), 20_000
+    counts = Counter(policy.choose("hot", replicas, table, rng)[0][0].rank for _ in range(n))
+    p_middle = 0.1 * 0.25 / 0.9 + 0.25 * 0.1 / 0.75   # {0, 2} drawn, in either order
+    expected = {0: 0.0, 2: p_middle, 3: 1 - p_middle}
+    assert counts[0] == 0
+    for rank, p in expected.items():
+        assert within_5_sigma(counts[rank], n, p), (rank, counts[rank], n * p)
+    dead = views(0, 1, 2, 4, queue={0: 40, 2: 10})   # rank 3 has no live replica: the other draw wins
+    counts = Counter(policy.choose("hot", dead, table, rng)[0][0].rank for _ in range(n))
+    assert counts[3] < 0.65 ** 2 * n + 5 * (n * 0.65 ** 2 * (1 - 0.65 ** 2)) ** 0.5
 
 
 @settings(max_examples=100, deadline=None)
@@ -186,6 +203,34 @@ def test_fallback_tiers_order():
     assert [r.rank for r in others] == [3]
 
 
+def test_replicas_that_cannot_run_the_adapter_are_left_out_while_any_can():
+    # Rank 0, the table's choice, is dead; of the rest the shortest queues cannot run a rank-32 adapter (rank 1: a
+    # vLLM replica of class 8) or cannot run FLoRA (rank 3: vLLM), so the fallback must skip them for those.
+    table = RoutingTable(5, {"x": ((0, 1.0),)})
+    small = ReplicaView(1, 0, frozenset({"x"}), max_rank=8, adapter_types=("LORA",))
+    big = ReplicaView(2, 9, max_rank=64)
+    vllm_big = ReplicaView(3, 1, max_rank=64, adapter_types=("LORA",))
+    unknown = ReplicaView(4, 5)   # no capability reported yet: assumed able
+    replicas = [small, big, vllm_big, unknown]
+
+    def ranks(rank, peft_type):
+        tiers = RankAwarePolicy().choose("x", replicas, table, random.Random(0), rank, peft_type)
+        return [[r.rank for r in tier] for tier in tiers]
+
+    assert ranks(32, "LORA") == [[3, 4, 2]]
+    assert ranks(8, "FLORA") == [[4, 2]]
+    assert ranks(8, "LORA") == [[1], [3, 4, 2]]   # rank 8 runs on the class-8 replica, which holds it
+    assert ranks(None, None) == [[1], [3, 4, 2]]   # facts unknown (registry down): every replica
+    assert ranks(128, "LORA") == [[4]]   # only the one that has not said what it runs
+    replicas.remove(unknown)
+    assert ranks(128, "LORA") == [[1], [3, 2]]   # none can: every replica (the chosen one says why)
+    replicas.append(unknown)
+    # The table's own target is dropped as well when it cannot run the adapter (an outdated table).
+    table = RoutingTable(5, {"x": ((1, 1.0),)})
+    tiers = RankAwarePolicy().choose("x", replicas, table, random.Random(0), 16, "LORA")
+    assert [[r.rank for r in tier] for tier in tiers] == [[3, 4, 2]]
+
+
 # -- affinity and random ------------------------------------------------------------------------------
 @settings(max_examples=100, deadline=None)
 @given(adapter_id=st.text(min_size=1, max_size=40), ranks=st.sets(st.integers(0, 64), min_size=1, max_size=10),
@@ -226,6 +271,37 @@ def test_replica_view_reads_routing_stats():
     full = SimpleNamespace(routing_stats={"rank": 2, "queue_len": 5, "resident_adapters": ["a", "b"]})
     view = replica_view(full)
     assert (view.rank, view.queue_len, view.resident, view.replica) == (2, 5, frozenset({"a", "b"}), full)
+    # Before its first stats report, the rank the replica recorded at start (record_replica_metadata).
+    new = replica_view(SimpleNamespace(routing_stats={}, replica_metadata={"rank": 1}))
+    assert new.rank == 1 and new.queue_len == 0
+    assert replica_view(SimpleNamespace(routing_stats={}, replica_metadata={"rank": True})).rank is None
+    able = replica_view(SimpleNamespace(routing_stats={"rank": 0, "max_rank": 8, "adapter_types": ["LORA"]}))
+    assert (able.max_rank, able.adapter_types) == (8, ("LORA",))
+    odd = replica_view(SimpleNamespace(routing_stats={"rank": 0, "max_rank": "8", "adapter_types": "LORA"}))
+    assert (odd.max_rank, odd.adapter_types) == (None, ())
+
+
+def test_the_request_router_routes_by_the_rank_and_type_the_request_carries():
+    """LoRAFleetRequestRouter.choose_replicas reads the GenerateRequest Serve hands it (the first argument)."""
+    import asyncio
+
+    from lorafleet.infra.replica_api import GenerateRequest
+    from lorafleet.router.request_router import LoRAFleetRequestRouter
+
+    router = LoRAFleetRequestRouter.__new__(LoRAFleetRequestRouter)
+    router.initialize_state(policy="affinity", redis_url=None, seed=0)
+    replicas = [SimpleNamespace(routing_stats={"rank": r, "queue_len": q, "max_rank": m, "adapter_types": t})
+                for r, q, m, t in ((0, 0, 8, ["LORA"]), (1, 3, 64, ["LORA"]), (2, 5, 64, []))]
+
+    def chosen(rank, peft_type):
+        request = GenerateRequest("r", "x", prompt="hi", adapter_rank=rank, adapter_type=peft_type)
+        pending = SimpleNamespace(args=[request], kwargs={}, metadata=SimpleNamespace(multiplexed_model_id="x"))
+        tiers = asyncio.run(router.choose_replicas(replicas, pending))
+        return sorted(r.routing_stats["rank"] for tier in tiers for r in tier)
+
+    assert chosen(16, "LORA") == [1, 2]
+    assert chosen(16, "IA3") == [2]
+    assert chosen(None, None) == [0, 1, 2]
 
 
 def test_view_cache_rebuilds_a_view_only_when_its_stats_change():

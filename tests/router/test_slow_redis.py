@@ -17,6 +17,7 @@ from lorafleet.replicas.deployment import DemandBuffer
 from lorafleet.router import core as router_core
 from lorafleet.router.app import create_app
 from lorafleet.router.core import RouterConfig
+from lorafleet.router.schemas import CompletionRequest
 
 BASE = "tiny"
 TIMEOUT_S = 0.5
@@ -91,9 +92,23 @@ def test_a_confirmed_adapter_is_not_looked_up_again_for_a_second(make_core, hard
     for _ in range(5):
         assert core.resolve_model("alpha-lora") == "alpha-lora"
     assert calls == ["alpha-lora"]
-    core._known["alpha-lora"] = time.monotonic() - 0.01   # expired: asked again
+    core._known["alpha-lora"] = (time.monotonic() - 0.01, *core._known["alpha-lora"][1:])   # expired: asked again
     core.resolve_model("alpha-lora")
     assert calls == ["alpha-lora", "alpha-lora"]
+
+
+def test_the_request_to_the_replica_carries_the_registry_rank_and_type(make_core, hardening_store):
+    """What the request router needs to keep an adapter off replicas that cannot run it (a vLLM replica of a lower
+    rank class, or any vLLM replica for IA3)."""
+    core = make_core(RouterConfig(BASE), store=hardening_store)
+    for model, rank, peft_type in (("alpha-lora", 4, "LORA"), ("gamma-ia3", 1, "IA3"), (BASE, None, None)):
+        adapter_id = core.resolve_model(model)
+        request = core._replica_request(CompletionRequest(model=model, prompt="hi", max_tokens=2), adapter_id)
+        assert (request.adapter_id, request.adapter_rank, request.adapter_type) == (adapter_id, rank, peft_type)
+    no_registry = make_core(RouterConfig(BASE))   # nothing known: the router routes without the facts
+    request = no_registry._replica_request(CompletionRequest(model="alpha-lora", prompt="hi", max_tokens=2),
+                                           no_registry.resolve_model("alpha-lora"))
+    assert (request.adapter_rank, request.adapter_type) == (None, None)
 
 
 def test_demand_flush_never_blocks_the_caller_on_a_hung_redis():
@@ -123,3 +138,8 @@ def test_demand_flush_records_on_a_healthy_redis(redis_prefix):
     buffer.add(None, 100)   # the base model is not counted
     buffer.flush_if_due(now=time.monotonic() + 2.0, wait=True)
     assert counters.window(60) == {"a": (21, 3)}
+
+
+def test_a_lorafleet_replica_reports_it_runs_every_type_up_to_its_max_rank(hardening_replica):
+    stats = hardening_replica.routing_stats()
+    assert stats.max_rank == hardening_replica.engine.config.max_rank and stats.adapter_types == ()
