@@ -67,8 +67,13 @@ def vllm_goals_line(result: dict[str, Any]) -> str:
     ours = {r["name"]: r for r in result["runs"] if "output_tokens_per_s" in r}
     top, ranks = max(spec["adapter_counts"]), "/".join(map(str, spec["mixed_ranks"]))
     low, high = min(spec["vllm_max_lora_ranks"]), max(spec["vllm_max_lora_ranks"])
+    # The base model against vLLM's fastest base run: with LoRA on, vLLM pads even adapter-less rows to its
+    # max_lora_rank, so its engine at the lowest rank is the stronger yardstick.
+    bases = {rank: theirs[key]["output_tokens_per_s"] for rank in spec["vllm_max_lora_ranks"]
+             if (key := f"vLLM max_lora_rank {rank}: base model") in theirs}
+    fastest = max(bases, key=lambda rank: bases[rank]) if bases else high
     parts = []
-    for name, rank, goal in (("base model", high, 1.3), (f"{top} adapters r{spec['rank']}", low, 1.5),
+    for name, rank, goal in (("base model", fastest, 1.3), (f"{top} adapters r{spec['rank']}", low, 1.5),
                              (f"{top} adapters r{ranks}", high, 3.0)):
         mine, other = ours.get(name), theirs.get(f"vLLM max_lora_rank {rank}: {name}")
         if mine is None or other is None:

@@ -258,7 +258,7 @@ def simulate_autoscaling_cmd(
 ) -> None:
     """Autoscaling over a diurnal day: adapter-aware vs queue length, each tuned to the same P95 TTFT SLO;
     replica-hours of each (see placement/autoscale_sim.py for the model and its limits)."""
-    from lorafleet.placement.autoscale_sim import POLICY_TARGETS, DiurnalSpec, compare_autoscaling
+    from lorafleet.placement.autoscale_sim import TUNING_RUNS, DiurnalSpec, compare_autoscaling
     from lorafleet.placement.simulator import SimConfig
 
     spec = DiurnalSpec(epochs=epochs, epoch_requests=epoch_requests, max_replicas=max_replicas,
@@ -271,7 +271,7 @@ def simulate_autoscaling_cmd(
         from rich.progress import Progress
 
         with Progress(transient=True) as bar:
-            task = bar.add_task("tuning both policies", total=sum(len(t) for t in POLICY_TARGETS.values()))
+            task = bar.add_task("tuning both policies", total=sum(TUNING_RUNS.values()))
             document = compare_autoscaling(spec, config, progress=lambda: bar.advance(task))
     if record:
         _record("simulate-autoscaling", {**document, "seconds": time.perf_counter() - began}, as_json)

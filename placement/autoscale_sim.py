@@ -30,10 +30,14 @@ from lorafleet.placement.simulator import SimConfig, cluster_capacity, run_polic
 from lorafleet.placement.workload import Workload, WorkloadSpec, generate
 
 LOW_RANKS, HIGH_RANKS = (8, 16), (64, 128)
-POLICY_TARGETS = {   # the grid each policy's target is tuned on: 25 values each, ~3-4% apart at the top
-    "adapter-aware": tuple(round(float(x), 3) for x in np.linspace(0.4, 1.0, 25)),
-    "queue": tuple(round(float(x), 3) for x in np.geomspace(1.0, 64.0, 25)),
+POLICY_TARGETS = {   # the coarse grid each policy's target is tuned on (25 values each), then refined
+    "adapter-aware": tuple(round(float(x), 4) for x in np.linspace(0.4, 1.2, 25)),
+    "queue": tuple(round(float(x), 4) for x in np.geomspace(1.0, 64.0, 25)),
 }
+# Between the coarse grid's cheapest target that meets the SLO and the next (cheaper, failing) one, this many more
+# targets, evenly spaced in log: both policies are tuned to within ~1-4% of their cheapest meeting target.
+REFINE_POINTS = 6
+TUNING_RUNS = {policy: len(grid) + REFINE_POINTS for policy, grid in POLICY_TARGETS.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +168,19 @@ def run_day(days: list[Workload], policy: str, target: float, spec: DiurnalSpec,
             "meets_slo": p95 <= config.points.slo_p95_ttft_s, "replicas": counts}
 
 
+def _refined(coarse: tuple[float, ...], grid: list[dict]) -> list[float]:
+    """REFINE_POINTS targets between the cheapest meeting coarse target and the next larger one (none if no target
+    meets the SLO or the cheapest is the grid's last)."""
+    meeting = [i for i, g in enumerate(grid) if g["meets_slo"]]
+    if not meeting:
+        return []
+    best = min(meeting, key=lambda i: grid[i]["replica_hours"])
+    if best + 1 >= len(coarse):
+        return []
+    lo, hi = coarse[best], coarse[best + 1]
+    return [round(float(x), 4) for x in np.geomspace(lo, hi, REFINE_POINTS + 2)[1:-1]]
+
+
 def compare_autoscaling(spec: DiurnalSpec, config: SimConfig, policies=("adapter-aware", "queue"),
                         progress=None) -> dict:
     """{"policies": {name: best run (fewest replica-hours meeting the SLO; else the lowest P95), "grid": all}},
@@ -174,10 +191,18 @@ def compare_autoscaling(spec: DiurnalSpec, config: SimConfig, policies=("adapter
                  "policies": {}}
     for policy in policies:
         grid = []
-        for target in POLICY_TARGETS[policy]:
+
+        def tune(target: float) -> None:
             grid.append(run_day(days, policy, target, spec, config))
             if progress is not None:
                 progress()
+
+        coarse = POLICY_TARGETS[policy]
+        for target in coarse:
+            tune(target)
+        for target in _refined(coarse, grid):
+            tune(target)
+        grid.sort(key=lambda g: g["target"])
         meeting = [g for g in grid if g["meets_slo"]]
         best = (min(meeting, key=lambda g: g["replica_hours"]) if meeting
                 else min(grid, key=lambda g: g["p95_ttft_s"]))

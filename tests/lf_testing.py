@@ -277,7 +277,11 @@ class LocalRayCluster:
         self.temp_dir = f"/tmp/lfray-{uuid.uuid4().hex[:8]}"   # short: Ray's socket paths must fit in 107 bytes
         self.head_resources, self.worker_resources, self.worker_cpus = head_resources, worker_resources, worker_cpus
         # its own token: on a fresh machine there is no ~/.ray/auth_token until some local ray.init() writes one
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+                    # Serve's routers probe a replica's queue length with a 0.1 s deadline and route a request to the
+                    # next tier of candidates when it passes; four raylets on two shared cores miss it now and then
+                    # (Serve's documented remedy for a slow network: a longer deadline).
+                    "RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "0.5"}
         self.worker_raylets: list[int] = []   # pid of each worker's raylet, in start order
 
     def _ray(self, *args: str) -> None:

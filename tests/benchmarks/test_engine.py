@@ -71,6 +71,7 @@ def test_vllm_table_and_goals_by_wall_and_cpu_time():
               "vllm": {"runs": [run("vLLM max_lora_rank 64: base model", 50, 160),
                                 run("vLLM max_lora_rank 64: 64 adapters r8/64", 20, 40),
                                 run("vLLM max_lora_rank 8: 64 adapters r8", 60, 90)]}}
+    no_r8_base = vllm_goals_line(result)
     header, body = vllm_rows(result)
     assert header == ("run", "LoRAFleet out tok/s", "vLLM r64", "ours / r64", "ours / r64 (CPU)", "vLLM r8",
                       "ours / r8", "ours / r8 (CPU)")
@@ -80,3 +81,7 @@ def test_vllm_table_and_goals_by_wall_and_cpu_time():
     assert "base model / vLLM max_lora_rank 64 = 2.00 (1.25 by CPU time) (goal >= 1.3)" in line
     assert "64 adapters r8 / vLLM max_lora_rank 8 = 1.50 (2.00 by CPU time) (goal >= 1.5)" in line
     assert "64 adapters r8/64 / vLLM max_lora_rank 64 = 4.00 (4.00 by CPU time) (goal >= 3.0)" in line
+    assert no_r8_base == line
+    # With a base run at both ranks, the base goal is against vLLM's faster one (here the rank-8 engine).
+    result["vllm"]["runs"].append(run("vLLM max_lora_rank 8: base model", 80, 100))
+    assert "base model / vLLM max_lora_rank 8 = 1.25 (2.00 by CPU time) (goal >= 1.3)" in vllm_goals_line(result)

@@ -226,8 +226,14 @@ def test_a_worker_node_killed_under_load(app, cluster):
                  if a["deployment"] == "replica"}
     second = sorted(survivors)[0]
     cluster.kill_worker(second)
-    time.sleep(12)   # past the heartbeat TTL (10 s)
-    report = httpx.post(f"{url}/v1/placement/rebalance", timeout=60).json()
+    reports = []
+
+    def rebalanced_without_it() -> bool:   # its heartbeat expires 10 s (the TTL) after the kill, later on a slow box
+        reports.append(httpx.post(f"{url}/v1/placement/rebalance", timeout=60).json())
+        return len(reports[-1].get("dead_replicas", [])) >= 1
+
+    wait_until(rebalanced_without_it, 90, "a rebalance that finds the dead rank", period_s=3.0)
+    report = reports[-1]
     assert len(report["dead_replicas"]) == 1, report
     dead = report["dead_replicas"][0]
     table = RoutingTableStore(redis.Redis.from_url(REDIS_URL), prefix).load()

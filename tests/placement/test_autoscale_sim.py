@@ -96,3 +96,15 @@ def test_cli_json_and_bad_input(capsys):
         code, out, err = run(*args)
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and fragment in lines[0] and "Traceback" not in err, err
+
+
+def test_the_search_refines_between_the_cheapest_meeting_target_and_the_next():
+    from lorafleet.placement.autoscale_sim import REFINE_POINTS, _refined
+
+    coarse = (1.0, 2.0, 4.0, 8.0)
+    grid = [{"meets_slo": m, "replica_hours": h} for m, h in ((True, 9.0), (True, 7.0), (False, 5.0), (False, 4.0))]
+    refined = _refined(coarse, grid)
+    assert len(refined) == REFINE_POINTS and all(2.0 < t < 4.0 for t in refined) and refined == sorted(refined)
+    assert _refined(coarse, [g | {"meets_slo": False} for g in grid]) == []   # nothing meets: nothing to refine
+    last = [g | {"meets_slo": True} for g in grid]
+    assert _refined(coarse, last) == []   # the cheapest meeting target is the grid's last
