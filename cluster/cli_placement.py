@@ -21,13 +21,15 @@ def register(app: typer.Typer) -> None:
     bench_app.command("placement")(bench_placement_cmd)
 
 
-def _int_list(text: str, option: str) -> tuple[int, ...]:
+def _number_list(text: str, option: str, parse: type[int] | type[float]) -> tuple:
+    """Comma-separated integers >= 1 (parse=int) or numbers >= 0 (parse=float); InvalidPlacement naming the option."""
+    kind, least = ("integers", 1) if parse is int else ("numbers", 0)
     try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
+        values = tuple(parse(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise InvalidPlacement(f"{option}: expected comma-separated integers, got '{text}'") from None
-    if not values or min(values) < 1:
-        raise InvalidPlacement(f"{option}: expected integers >= 1, got '{text}'")
+        raise InvalidPlacement(f"{option}: expected comma-separated {kind}, got '{text}'") from None
+    if not values or min(values) < least:
+        raise InvalidPlacement(f"{option}: expected {kind} >= {least}, got '{text}'")
     return values
 
 
@@ -96,16 +98,6 @@ def _print_rebalance(report: dict, change) -> None:
         console.print(f"replicas without a heartbeat (placed nothing there): {report['dead_replicas']}")
 
 
-def _float_list(text: str, option: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise InvalidPlacement(f"{option}: expected comma-separated numbers, got '{text}'") from None
-    if not values or min(values) < 0:
-        raise InvalidPlacement(f"{option}: expected numbers >= 0, got '{text}'")
-    return values
-
-
 def simulate_cmd(
     policies: str | None = typer.Option(None, help="Comma-separated policies to compare (default: all of "
                                                    "lorafleet.placement.policies.POLICY_NAMES)."),
@@ -161,9 +153,9 @@ def simulate_cmd(
         if value is not None:
             changes[key] = value
     if ranks is not None:
-        changes.update(ranks=_int_list(ranks, "--ranks"), rank_weights=())
+        changes.update(ranks=_number_list(ranks, "--ranks", int), rank_weights=())
     if rank_weights is not None:
-        changes["rank_weights"] = _float_list(rank_weights, "--rank-weights")
+        changes["rank_weights"] = _number_list(rank_weights, "--rank-weights", float)
     if search_requests < 1:
         raise InvalidPlacement(f"--search-requests must be >= 1, got {search_requests}")
     if not interference > 0 or (adapter_gib is not None and not adapter_gib > 0):
@@ -231,7 +223,7 @@ def _simulate_sweep(spec, names, config, workload, sweep, seeds, search_load, fi
     from lorafleet.placement.sim_sweep import sweep as run_sweep
 
     loads = parse_loads(sweep)
-    seed_list = _int_list(seeds, "--seeds") if seeds is not None else (spec.seed,)
+    seed_list = _number_list(seeds, "--seeds", int) if seeds is not None else (spec.seed,)
     if find_replicas and not search_load > 0:
         raise InvalidPlacement(f"--search-load must be > 0, got {search_load}")
     progress = None if as_json else (lambda line: typer.echo(line, err=True))
@@ -415,7 +407,7 @@ def profile_cmd(
     device: str | None = typer.Option(None, help="Engine device, e.g. cuda (default: the engine's)."),
 ) -> None:
     """Measure max tokens/s per rank class under the SLO and write operating_points.json."""
-    rank_list = _int_list(ranks, "--ranks")
+    rank_list = _number_list(ranks, "--ranks", int)
     if not (slo_ttft > 0 and slo_tpot > 0) or prompt_tokens < 1 or output_tokens < 2 or max_batch < 1:
         raise InvalidPlacement("need --slo-ttft/--slo-tpot > 0, --prompt-tokens >= 1, --output-tokens >= 2, "
                                "--max-batch >= 1")

@@ -22,7 +22,7 @@ from lorafleet.replicas.outputs import RequestMetrics, RequestOutput
 from lorafleet.replicas.sampling_params import SamplingParams
 from lorafleet.replicas.scheduler import ScheduledSeq
 from lorafleet.replicas.sequence import Sequence
-from lorafleet.replicas.streaming import Prompt, StreamHub
+from lorafleet.replicas.streaming import Prompt, StreamHub, prompt_token_ids, request_batch
 from lorafleet.replicas.tokenizer import find_stop
 
 
@@ -142,13 +142,8 @@ class Engine:
                  adapters: str | None | list[str | None] = None) -> list[RequestOutput]:
         """Run prompts to completion (this call drives the engine); outputs in prompt order.
         A request whose adapter is missing or invalid comes back with finish_reason 'error'."""
-        is_single = isinstance(prompts, str) or bool(prompts and isinstance(prompts[0], int))
-        batch: list[Prompt] = [prompts] if is_single else list(prompts)  # type: ignore[list-item, arg-type]
+        batch, params_list, adapter_list = request_batch(prompts, params, adapters)
         num = len(batch)
-        params_list = params if isinstance(params, list) else [params] * num
-        adapter_list = adapters if isinstance(adapters, list) else [adapters] * num
-        if len(params_list) != num or len(adapter_list) != num:
-            raise ValueError("params and adapters lists must have one entry per prompt")
         ids = [self.add_request(p, sp, a) for p, sp, a in zip(batch, params_list, adapter_list, strict=True)]
         wanted, final = set(ids), dict[str, RequestOutput]()
         while len(final) < num:
@@ -219,13 +214,7 @@ class Engine:
 
     # -- internals ------------------------------------------------------------------------------------
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        if not ids:
-            raise ValueError("prompt is empty")
-        vocab = self.model_config.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        return ids
+        return prompt_token_ids(self.tokenizer, self.model_config.vocab_size, prompt)
 
     def _drain_inbox(self) -> list[RequestOutput]:
         outputs = []

@@ -1,5 +1,6 @@
 """Async streaming over the synchronous engine: one driver task per event loop steps the engine on a
-worker thread and hands each output to the asyncio queue of its request."""
+worker thread and hands each output to the asyncio queue of its request. Also what both engines (LoRAFleet's and
+the vLLM one) take as a request: prompts, their token ids, generate()'s batch arguments."""
 
 from __future__ import annotations
 
@@ -13,6 +14,35 @@ from lorafleet.replicas.outputs import RequestOutput
 from lorafleet.replicas.sampling_params import SamplingParams
 
 Prompt = str | Seq[int]
+
+
+class _Tokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+
+def prompt_token_ids(tokenizer: _Tokenizer, vocab_size: int, prompt: Prompt) -> list[int]:
+    """A prompt's token ids (text encoded, ids checked against the vocabulary); ValueError if empty or out of range."""
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+    if not ids:
+        raise ValueError("prompt is empty")
+    if min(ids) < 0 or max(ids) >= vocab_size:
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
+    return ids
+
+
+def request_batch(prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None,
+                  adapters: str | None | list[str | None]
+                  ) -> tuple[list[Prompt], list[SamplingParams | None], list[str | None]]:
+    """generate()'s arguments as one (prompt, params, adapter) per request: a single prompt (text or token ids) is a
+    batch of one, a single params / adapter applies to every prompt; ValueError when list lengths differ."""
+    is_single = isinstance(prompts, str) or bool(prompts and isinstance(prompts[0], int))
+    batch: list[Prompt] = [prompts] if is_single else list(prompts)  # type: ignore[list-item, arg-type]
+    num = len(batch)
+    params_list = params if isinstance(params, list) else [params] * num
+    adapter_list = adapters if isinstance(adapters, list) else [adapters] * num
+    if len(params_list) != num or len(adapter_list) != num:
+        raise ValueError("params and adapters lists must have one entry per prompt")
+    return batch, params_list, adapter_list
 
 
 class SteppedEngine(Protocol):

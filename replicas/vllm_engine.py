@@ -27,7 +27,7 @@ from lorafleet.infra.base_spec import TARGET_MODULES
 from lorafleet.infra.errors import InvalidRequest, LoRAFleetError
 from lorafleet.replicas.outputs import RequestMetrics, RequestOutput
 from lorafleet.replicas.sampling_params import SamplingParams
-from lorafleet.replicas.streaming import Prompt, StreamHub
+from lorafleet.replicas.streaming import Prompt, StreamHub, prompt_token_ids, request_batch
 from lorafleet.replicas.tokenizer import Tokenizer
 from lorafleet.replicas.vllm_adapters import HeldAdapter, VllmAdapters, vllm_target_modules
 from lorafleet.replicas.weights import ModelConfig
@@ -248,13 +248,8 @@ class VllmEngine:
                  adapters: str | None | list[str | None] = None) -> list[RequestOutput]:
         """Run prompts to completion (this call drives the engine); outputs in prompt order. Adapters come from
         load_adapter or the adapter source; one that fails comes back with finish_reason 'error'."""
-        is_single = isinstance(prompts, str) or bool(prompts and isinstance(prompts[0], int))
-        batch: list[Prompt] = [prompts] if is_single else list(prompts)  # type: ignore[list-item, arg-type]
+        batch, params_list, adapter_list = request_batch(prompts, params, adapters)
         num = len(batch)
-        params_list = params if isinstance(params, list) else [params] * num
-        adapter_list = adapters if isinstance(adapters, list) else [adapters] * num
-        if len(params_list) != num or len(adapter_list) != num:
-            raise ValueError("params and adapters lists must have one entry per prompt")
         errors: dict[str, Exception] = {}
         for adapter_id in {a for a in adapter_list if a is not None}:
             try:
@@ -324,13 +319,7 @@ class VllmEngine:
         return max(128, min(model.max_position_embeddings, fits))
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        if not ids:
-            raise ValueError("prompt is empty")
-        vocab = self.model_config.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        return ids
+        return prompt_token_ids(self.tokenizer, self.model_config.vocab_size, prompt)
 
     def _lora_request(self, adapter: HeldAdapter) -> Any:
         from vllm.lora.request import LoRARequest
