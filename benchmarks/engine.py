@@ -20,6 +20,8 @@ from lorafleet.replicas.engine import Engine
 from lorafleet.replicas.sampling_params import SamplingParams
 from lorafleet.replicas.weights import ModelConfig
 
+KV_BLOCK_SIZE = 16  # the engine's default, spelled out: the bench sizes each engine's KV blocks with it
+
 
 @dataclass(frozen=True, slots=True)
 class BenchSpec:
@@ -197,10 +199,14 @@ def run_engine_bench(model_dir: str | Path | None = None, *, quick: bool = False
     needed = {a for reqs in [*loads.values(), baseline_load] for _, a in reqs if a}
     paths = make_assets(work_dir, model_dir, needed, spec.targets)
 
+    max_model_len = spec.prompt_tokens + spec.output_tokens + 16
     common = dict(device=device, dtype=dtype, max_num_seqs=spec.max_num_seqs, target_modules=spec.targets,
                   max_batched_tokens=max(2048, spec.max_num_seqs), max_rank=max(spec.mixed_ranks),
-                  max_model_len=spec.prompt_tokens + spec.output_tokens + 16)
-    engine = Engine.from_pretrained(model_dir, max_adapters=spec.max_num_seqs, **common,
+                  max_model_len=max_model_len, kv_block_size=KV_BLOCK_SIZE)
+    # KV blocks for what the workload can hold at once: several engines share one GPU in this run (each would
+    # otherwise take gpu_memory_utilization of it), and the CPU default is already larger than this.
+    kv_blocks = spec.max_num_seqs * (-(-max_model_len // KV_BLOCK_SIZE) + 1)
+    engine = Engine.from_pretrained(model_dir, max_adapters=spec.max_num_seqs, num_kv_blocks=kv_blocks, **common,
                                     adapter_pool_rows=spec.max_num_seqs * max(spec.mixed_ranks))
     fpt = flops_per_token(engine.model_config)
     t_load = time.monotonic()
@@ -212,7 +218,8 @@ def run_engine_bench(model_dir: str | Path | None = None, *, quick: bool = False
         (name, functools.partial(run_engine, engine, name, loads[name], spec, fpt)) for name, _, _ in runs]
     skipped = []
     if baselines:
-        swap = Engine.from_pretrained(model_dir, max_adapters=1, adapter_pool_rows=max(spec.mixed_ranks), **common)
+        swap = Engine.from_pretrained(model_dir, max_adapters=1, adapter_pool_rows=max(spec.mixed_ranks),
+                                      num_kv_blocks=kv_blocks, **common)
         baseline_names = sorted({a for _, a in baseline_load if a})
         for name in baseline_names:
             swap.load_adapter(name, paths[name])
@@ -226,7 +233,8 @@ def run_engine_bench(model_dir: str | Path | None = None, *, quick: bool = False
             thunks.append((SAME, lambda: run_engine(engine, SAME, baseline_load, spec, fpt)))
     engines = [engine] + ([swap] if baselines else [])
     if dtype != "float32":   # the same run measures what the dtype buys over float32
-        fp32 = Engine.from_pretrained(model_dir, max_adapters=1, **(common | {"dtype": "float32"}))
+        fp32 = Engine.from_pretrained(model_dir, max_adapters=1, num_kv_blocks=kv_blocks,
+                                      **(common | {"dtype": "float32"}))
         engines.append(fp32)
         thunks.append((FP32_BASE, lambda: run_engine(fp32, FP32_BASE, loads["base model"], spec, fpt)))
     vllm_rows, vllm_skipped = _vllm_thunks(model_dir, paths, loads, runs, spec, common, fpt)

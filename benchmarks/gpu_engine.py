@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--adapter-counts", default=None, help="comma-separated, e.g. 1,8,64,512")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats (3; 1 over 64 requests)")
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--skip-verify", action="store_true")
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "lorafleet-bench-engine")
@@ -80,7 +81,8 @@ def main() -> None:
     if args.adapter_counts:
         changes["adapter_counts"] = tuple(int(n) for n in args.adapter_counts.split(","))
     result = run_engine_bench(args.model_dir, spec=replace(spec, **changes), preset=args.preset, device=args.device,
-                              dtype=args.dtype, work_dir=args.work_dir, baselines=not args.no_baselines)
+                              dtype=args.dtype, work_dir=args.work_dir, baselines=not args.no_baselines,
+                              repeats=args.repeats)
     path = write_result("engine", result, args.out_dir)
     print_report(result)
     print("\n" + format_markdown(result))

@@ -73,4 +73,6 @@ def _kv_budget(config: EngineConfig, device: torch.device) -> int:
     if device.type != "cuda":
         return DEFAULT_CPU_KV_BYTES
     free, total = torch.cuda.mem_get_info(device)
+    # Blocks torch's caching allocator holds but no tensor uses (a closed engine's KV cache, say) are free to us.
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return max(0, int(free - total * (1 - config.gpu_memory_utilization)))
