@@ -10,7 +10,7 @@ MODE=${1:-quick}
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
-KERNEL_S=${KERNEL_S:-150} ENGINE_S=${ENGINE_S:-170} TESTS_S=${TESTS_S:-60}
+KERNEL_S=${KERNEL_S:-150} ENGINE_S=${ENGINE_S:-170} SGMV_S=${SGMV_S:-90} TESTS_S=${TESTS_S:-60}
 
 {
   date -u
@@ -20,9 +20,10 @@ KERNEL_S=${KERNEL_S:-150} ENGINE_S=${ENGINE_S:-170} TESTS_S=${TESTS_S:-60}
   nproc
 } 2>&1 | tee "$OUT/env.txt"
 
-step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log, report the exit status
+step() {  # step NAME SECONDS COMMAND...: run with a limit (0: skip), log to $OUT/NAME.log, report the exit status
   local name=$1 limit=$2
   shift 2
+  [ "$limit" -gt 0 ] || return 0
   local start=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
@@ -35,6 +36,7 @@ if [ "$MODE" = full ]; then QUICK=(); else QUICK=(--quick); fi
 read -r -a KERNEL_FLAGS <<< "${KERNEL_ARGS:-${QUICK[*]}}"
 read -r -a ENGINE_FLAGS <<< "${ENGINE_ARGS:-${QUICK[*]}}"
 step kernels "$KERNEL_S" python3 benchmarks/gpu_kernels.py "${KERNEL_FLAGS[@]}" --out-dir "$OUT"
+step sgmv_paths "$SGMV_S" python3 benchmarks/gpu_sgmv_paths.py --out-dir "$OUT"
 step engine "$ENGINE_S" python3 benchmarks/gpu_engine.py "${ENGINE_FLAGS[@]}" --out-dir "$OUT"
 
 # The kernel tests import lorafleet.kernels: a package made of links to the checkout (no pip install needed).

@@ -68,6 +68,84 @@ def _sgmv_kernel(
         tl.store(y_ptrs, delta.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
+def _shrink_kernel(
+    x_ptr, in_ptr, part_ptr, order_ptr, seg_off_ptr, seg_start_ptr, seg_rank_ptr,
+    seg_lo, d_in, k_per_split, num_tokens, stride_x, stride_in,
+    RP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # Punica's shrink with split-K: this program's slice of d_in, x A^T into part[split, token, :RP] (fp32).
+    # Each adapter's A rows are read once in all; no serial walk over all of d_in in one program.
+    seg = seg_lo + tl.program_id(0)
+    lo = tl.load(seg_off_ptr + seg)
+    hi = tl.load(seg_off_ptr + seg + 1)
+    m0 = lo + tl.program_id(1) * BM
+    if m0 >= hi:
+        return
+    start = tl.load(seg_start_ptr + seg).to(tl.int64)
+    rank = tl.load(seg_rank_ptr + seg)
+    mi = m0 + tl.arange(0, BM)
+    m_ok = mi < hi
+    tok = tl.load(order_ptr + mi, mask=m_ok, other=0).to(tl.int64)
+    j = tl.arange(0, RP)
+    j_ok = j < rank
+    h = tl.zeros((BM, RP), dtype=tl.float32)
+    k_lo = tl.program_id(2) * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, d_in)
+    for k0 in range(k_lo, k_hi, BK):
+        k = k0 + tl.arange(0, BK)
+        k_ok = k < k_hi
+        xk = tl.load(x_ptr + tok[:, None] * stride_x + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        a_t = tl.load(in_ptr + (start + j)[None, :] * stride_in + k[:, None],
+                      mask=k_ok[:, None] & j_ok[None, :], other=0.0)           # [BK, RP]
+        if UPCAST:
+            h = tl.dot(xk.to(tl.float32), a_t.to(tl.float32), h, input_precision="ieee")
+        else:
+            h = tl.dot(xk, a_t, h, input_precision=PRECISION)
+    part = part_ptr + (tl.program_id(2) * num_tokens + tok)[:, None] * RP + j[None, :]
+    tl.store(part, h, mask=m_ok[:, None])
+
+
+def _expand_kernel(
+    part_ptr, out_ptr, y_ptr, order_ptr, seg_off_ptr, seg_start_ptr, seg_rank_ptr, seg_scale_ptr,
+    seg_lo, d_out, num_splits, num_tokens, stride_out, stride_y,
+    RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ACCUMULATE: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # Punica's expand: h = scale * (sum of the shrink's split-K partials, in a fixed order), then Y (+)= h B
+    # on one [BM, BN] tile of this segment.
+    seg = seg_lo + tl.program_id(0)
+    lo = tl.load(seg_off_ptr + seg)
+    hi = tl.load(seg_off_ptr + seg + 1)
+    m0 = lo + tl.program_id(1) * BM
+    if m0 >= hi:
+        return
+    start = tl.load(seg_start_ptr + seg).to(tl.int64)
+    rank = tl.load(seg_rank_ptr + seg)
+    scale = tl.load(seg_scale_ptr + seg)
+    mi = m0 + tl.arange(0, BM)
+    m_ok = mi < hi
+    tok = tl.load(order_ptr + mi, mask=m_ok, other=0).to(tl.int64)
+    j = tl.arange(0, RP)
+    j_ok = j < rank
+    h = tl.zeros((BM, RP), dtype=tl.float32)
+    for split in range(0, num_splits):
+        h += tl.load(part_ptr + (split * num_tokens + tok)[:, None] * RP + j[None, :], mask=m_ok[:, None], other=0.0)
+    h = (h * scale).to(out_ptr.dtype.element_ty)
+    n = tl.program_id(2) * BN + tl.arange(0, BN)
+    n_ok = n < d_out
+    b = tl.load(out_ptr + (start + j)[:, None] * stride_out + n[None, :],
+                mask=j_ok[:, None] & n_ok[None, :], other=0.0)                  # [RP, BN]
+    if UPCAST:
+        delta = tl.dot(h.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        delta = tl.dot(h, b, input_precision=PRECISION)
+    y_ptrs = y_ptr + tok[:, None] * stride_y + n[None, :]
+    y_mask = m_ok[:, None] & n_ok[None, :]
+    if ACCUMULATE:
+        delta += tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, delta.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
 @dataclass(frozen=True, slots=True)
 class SgmvClass:
     """Segments seg_lo:seg_hi share one padded rank RP; is_base marks the rank-0 segment."""
@@ -92,13 +170,15 @@ def sgmv_classes(plan: AdapterBatchPlan) -> tuple[SgmvClass, ...]:
 
 
 def lora_delta_triton(x: torch.Tensor, in_rows: torch.Tensor, out_rows: torch.Tensor, plan: AdapterBatchPlan,
-                      out: torch.Tensor, accumulate: bool) -> torch.Tensor:
-    """One fused shrink+expand launch per rank class present (the rank-0 class only when overwriting)."""
+                      out: torch.Tensor, accumulate: bool, split: bool | None = None) -> torch.Tensor:
+    """Per rank class present (the rank-0 class only when overwriting): one fused shrink+expand launch when its
+    tiles alone fill the GPU, else (decode: few tokens per adapter) Punica's two launches, a split-K shrink and
+    an expand, so no program redoes the shrink. split=True/False forces a path (tests)."""
     classes = plan.derive("triton_sgmv", sgmv_classes)
     d_in, d_out = in_rows.shape[1], out_rows.shape[1]
-    kernel = jit(_sgmv_kernel)
     flags = dot_flags(x.dtype)
     n_blocks = cdiv(d_out, BLOCK_N)
+    wanted_programs = PROGRAMS_PER_SM * num_sms(x.device)
     for cls in classes:
         if cls.is_base and accumulate:
             continue
@@ -107,12 +187,27 @@ def lora_delta_triton(x: torch.Tensor, in_rows: torch.Tensor, out_rows: torch.Te
         # The shrink is a serial loop over d_in per program: long K steps when the tile is small (decode).
         block_k = 128 if cls.rank_pad * block_m <= 512 else 32
         num_segments = cls.seg_hi - cls.seg_lo
-        wanted = cdiv(PROGRAMS_PER_SM * num_sms(x.device), num_segments * m_tiles)
+        wanted = cdiv(wanted_programs, num_segments * m_tiles)
         cols_per_split = cdiv(n_blocks, min(max(wanted, 1), n_blocks)) * BLOCK_N
-        grid = (num_segments, m_tiles, cdiv(d_out, cols_per_split))
-        kernel[grid](x, in_rows, out_rows, out, plan.order, plan.seg_offsets, plan.seg_start, plan.seg_rank,
-                     plan.seg_scale, cls.seg_lo, d_in, d_out, cols_per_split,
-                     x.stride(0), in_rows.stride(0), out_rows.stride(0), out.stride(0),
-                     RP=cls.rank_pad, BM=block_m, BN=BLOCK_N, BK=block_k, ACCUMULATE=accumulate,
-                     num_warps=8 if cls.rank_pad >= 64 else 4, **flags)
+        col_splits = cdiv(d_out, cols_per_split)
+        seg_args = (plan.order, plan.seg_offsets, plan.seg_start, plan.seg_rank)
+        num_warps = 8 if cls.rank_pad >= 64 else 4
+        if cls.is_base or not (col_splits > 1 if split is None else split):
+            jit(_sgmv_kernel)[(num_segments, m_tiles, col_splits)](
+                x, in_rows, out_rows, out, *seg_args, plan.seg_scale, cls.seg_lo, d_in, d_out, cols_per_split,
+                x.stride(0), in_rows.stride(0), out_rows.stride(0), out.stride(0),
+                RP=cls.rank_pad, BM=block_m, BN=BLOCK_N, BK=block_k, ACCUMULATE=accumulate,
+                num_warps=num_warps, **flags)
+            continue
+        k_blocks = cdiv(d_in, block_k)
+        k_per_split = cdiv(k_blocks, min(max(wanted, 1), k_blocks)) * block_k
+        k_splits = cdiv(d_in, k_per_split)
+        partials = torch.empty(k_splits, x.shape[0], cls.rank_pad, dtype=torch.float32, device=x.device)
+        jit(_shrink_kernel)[(num_segments, m_tiles, k_splits)](
+            x, in_rows, partials, *seg_args, cls.seg_lo, d_in, k_per_split, x.shape[0], x.stride(0),
+            in_rows.stride(0), RP=cls.rank_pad, BM=block_m, BK=block_k, num_warps=num_warps, **flags)
+        jit(_expand_kernel)[(num_segments, m_tiles, n_blocks)](
+            partials, out_rows, out, *seg_args, plan.seg_scale, cls.seg_lo, d_out, k_splits, x.shape[0],
+            out_rows.stride(0), out.stride(0), RP=cls.rank_pad, BM=block_m, BN=BLOCK_N, ACCUMULATE=accumulate,
+            num_warps=num_warps, **flags)
     return out

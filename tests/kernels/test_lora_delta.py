@@ -119,3 +119,19 @@ def test_rejects_bad_arguments(device):
     for message, call in cases.items():
         with pytest.raises(KernelArgumentError, match=message):
             call()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("split", [False, True])
+def test_triton_fused_and_split_k_paths(interpret, device, dtype, accumulate, split, check_close, poisoned):
+    # Both Triton paths, whatever the GPU's size would pick: the fused shrink+expand kernel, and Punica's split-K
+    # shrink into fp32 partials then an expand (d_in 300 over several K splits, ranks 0-100 mixed, rank 0 rows).
+    from lorafleet.kernels.triton_sgmv import lora_delta_triton
+
+    batch = make_adapter_batch(9, 300, 200, [0, 3, 16, 100, 1], popularity="uniform", dtype=dtype, device=device)
+    plan = plan_adapter_batch(batch.token_start, batch.token_rank, batch.token_scale, device=device)
+    base = batch.x @ torch.randn(200, 300, dtype=dtype, device=device).T / 300**0.5
+    out = base.clone() if accumulate else poisoned(9, 200, dtype)
+    lora_delta_triton(batch.x, batch.in_rows, batch.out_rows, plan, out, accumulate, split=split)
+    check_close(out, reference(batch) + (base.double() if accumulate else 0), dtype)
