@@ -12,6 +12,11 @@ BLOCK_N = 64
 # tl.dot needs N >= 16, so ranks 1..16 share one class (padded lanes are masked loads, no HBM traffic).
 MIN_RANK_CLASS = 16
 PROGRAMS_PER_SM = 4
+# Punica's split path (split-K shrink, then expand) for classes of this padded rank and up, when the fused kernel
+# would split columns (and so redo the shrink per split). Measured on an H200 (RESULTS, sgmv-paths-20261204T165335Z):
+# 1.5-2.0x faster than fused at rank 64 on both 4096 shapes, T = 1-256; at ranks 8-16 it won on 4096x11008
+# (1.07-1.28x) but lost at several 4096x4096 points (two launches instead of one), so small ranks stay fused.
+SPLIT_MIN_RANK_PAD = 64
 
 
 def _sgmv_kernel(
@@ -172,8 +177,8 @@ def sgmv_classes(plan: AdapterBatchPlan) -> tuple[SgmvClass, ...]:
 def lora_delta_triton(x: torch.Tensor, in_rows: torch.Tensor, out_rows: torch.Tensor, plan: AdapterBatchPlan,
                       out: torch.Tensor, accumulate: bool, split: bool | None = None) -> torch.Tensor:
     """Per rank class present (the rank-0 class only when overwriting): one fused shrink+expand launch when its
-    tiles alone fill the GPU, else (decode: few tokens per adapter) Punica's two launches, a split-K shrink and
-    an expand, so no program redoes the shrink. split=True/False forces a path (tests)."""
+    tiles alone fill the GPU or its rank is small, else (decode at rank >= SPLIT_MIN_RANK_PAD) Punica's two
+    launches, a split-K shrink and an expand, so no program redoes the shrink. split=True/False forces a path."""
     classes = plan.derive("triton_sgmv", sgmv_classes)
     d_in, d_out = in_rows.shape[1], out_rows.shape[1]
     flags = dot_flags(x.dtype)
@@ -192,7 +197,8 @@ def lora_delta_triton(x: torch.Tensor, in_rows: torch.Tensor, out_rows: torch.Te
         col_splits = cdiv(d_out, cols_per_split)
         seg_args = (plan.order, plan.seg_offsets, plan.seg_start, plan.seg_rank)
         num_warps = 8 if cls.rank_pad >= 64 else 4
-        if cls.is_base or not (col_splits > 1 if split is None else split):
+        use_split = col_splits > 1 and cls.rank_pad >= SPLIT_MIN_RANK_PAD if split is None else split
+        if cls.is_base or not use_split:
             jit(_sgmv_kernel)[(num_segments, m_tiles, col_splits)](
                 x, in_rows, out_rows, out, *seg_args, plan.seg_scale, cls.seg_lo, d_in, d_out, cols_per_split,
                 x.stride(0), in_rows.stride(0), out_rows.stride(0), out.stride(0),
