@@ -73,7 +73,10 @@ def replica_count_options(settings: Settings) -> dict[str, Any]:
         config["target_ongoing_requests"] = settings.max_num_seqs
     else:
         config["policy"] = {"policy_function": ADAPTER_AWARE_POLICY,
-                            "policy_kwargs": {"target_utilization": settings.autoscale_target_utilization}}
+                            "policy_kwargs": {"target_utilization": settings.autoscale_target_utilization,
+                                              "trend_damping": settings.autoscale_trend_damping,
+                                              "trend_window_s": settings.autoscale_trend_window_s,
+                                              "trend_lead_s": settings.autoscale_trend_lead_s}}
     return {"num_replicas": "auto", "autoscaling_config": config}
 
 

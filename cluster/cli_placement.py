@@ -244,6 +244,10 @@ def simulate_autoscaling_cmd(
     peak_load: float = typer.Option(0.8, help="Noon demand as a fraction of max_replicas' rank-isolated capacity."),
     peak_to_trough: float = typer.Option(5.0, help="Noon rate / midnight rate."),
     seed: int = typer.Option(0, help="Trace seed."),
+    trend_damping: float = typer.Option(0.5, min=0.0, max=1.0,
+                                        help="Adapter-aware: damping of its trend forecast (0 = reactive)."),
+    queue_trend_damping: float = typer.Option(0.0, min=0.0, max=1.0,
+                                              help="Queue: the same forecast (0 = Serve's policy as shipped)."),
     operating_points: Path | None = typer.Option(None, help="Operating points JSON (default: the simulated 7B)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
     record: bool = typer.Option(False, "--record", help="Also write the raw JSON under benchmarks/results/."),
@@ -254,7 +258,8 @@ def simulate_autoscaling_cmd(
     from lorafleet.placement.simulator import SimConfig
 
     spec = DiurnalSpec(epochs=epochs, epoch_requests=epoch_requests, max_replicas=max_replicas,
-                       min_replicas=min_replicas, peak_load=peak_load, peak_to_trough=peak_to_trough, seed=seed)
+                       min_replicas=min_replicas, peak_load=peak_load, peak_to_trough=peak_to_trough, seed=seed,
+                       trend_damping=trend_damping, queue_trend_damping=queue_trend_damping)
     config = SimConfig(num_replicas=max_replicas, points=_points(operating_points), seed=seed)
     began = time.perf_counter()
     if as_json:
@@ -292,7 +297,8 @@ def _print_autoscaling(document: dict) -> None:
     s = document["spec"]
     table = Table(title=f"a day in {s['epochs']} windows of {s['epoch_requests']} requests, rate "
                         f"{s['peak_to_trough']}x noon/midnight, {s['min_replicas']}-{s['max_replicas']} replicas, "
-                        f"SLO P95 TTFT {document['slo_p95_ttft_s']} s")
+                        f"SLO P95 TTFT {document['slo_p95_ttft_s']} s, trend damping adapter-aware "
+                        f"{s.get('trend_damping', 0)} / queue {s.get('queue_trend_damping', 0)}")
     for column in ("autoscaling", "tuned target", "replica-hours", "vs fixed", "P95 TTFT s", "meets SLO",
                    "replicas per window"):
         table.add_column(column, justify="right")

@@ -68,6 +68,11 @@ class Settings(BaseSettings):
     min_replicas: int = Field(default=1, ge=1)
     max_replicas: int = Field(default=8, ge=1)
     autoscale_target_utilization: float = Field(default=0.7, gt=0, le=1)   # of each class's operating point
+    # adapter-aware: follow the demand's trend over the last trend_window_s, trend_lead_s ahead (the upscale delay
+    # plus a replica's start), damped; 0 = size from the current demand alone
+    autoscale_trend_damping: float = Field(default=0.5, ge=0, le=1)
+    autoscale_trend_window_s: float = Field(default=60.0, gt=0)
+    autoscale_trend_lead_s: float = Field(default=30.0, ge=0)
     upscale_delay_s: float = Field(default=5.0, ge=0)
     downscale_delay_s: float = Field(default=60.0, ge=0)   # hysteresis: demand must stay low this long
     # Custom Ray resources a replica / the ingress and controller need, to pin them to node types on a cluster,

@@ -7,9 +7,12 @@ high-rank ones (64, 128) are half the traffic at night but 15% at noon. Before e
 replica count from what it observed in the previous one (the first window runs at max_replicas); the window is
 then simulated on that many replicas with rank-aware routing and placement.
 - adapter-aware: demand per rank class over each class's operating point at `target` utilisation, and the active
-  adapters' bytes over one replica's memory (placement.autoscaling.replicas_needed, as served).
+  adapters' bytes over one replica's memory (placement.autoscaling.replicas_needed, as served), one window ahead
+  along the trend of the last two windows, damped by `trend_damping` (placement.autoscaling.trend_forecast, as
+  served; 0 = react to the last window alone).
 - queue: Serve's replica_queue_length policy, ceil(requests in flight / `target` per replica), the requests in
-  flight observed by Little's law (arrival rate x mean time in system).
+  flight observed by Little's law (arrival rate x mean time in system); `queue_trend_damping` (default 0: Serve's
+  policy as shipped) gives it the same forecast, to show what the forecast alone is worth.
 Each policy's target is searched on a grid for the fewest replica-hours whose P95 TTFT over the whole day (every
 measured request of every window) meets the operating points' SLO. Each window draws its own trace from its own seed
 (within a population an adapter's rank may differ between windows). A count too small to hold the window's adapters at
@@ -25,7 +28,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from lorafleet.infra.errors import InvalidPlacement, PlacementInfeasible
-from lorafleet.placement.autoscaling import replicas_needed
+from lorafleet.placement.autoscaling import replicas_needed, trend_forecast
 from lorafleet.placement.simulator import SimConfig, cluster_capacity, run_policy
 from lorafleet.placement.workload import Workload, WorkloadSpec, generate
 
@@ -51,6 +54,8 @@ class DiurnalSpec:
     night_high_rank_share: float = 0.5
     noon_high_rank_share: float = 0.15
     adapters_per_population: int = 100
+    trend_damping: float = 0.5        # adapter-aware: the live policy's default (Settings.autoscale_trend_damping)
+    queue_trend_damping: float = 0.0  # queue: Serve's policy has no forecast
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -62,6 +67,8 @@ class DiurnalSpec:
             raise InvalidPlacement("need peak_load in (0, 2] and peak_to_trough >= 1")
         if not (0 <= self.noon_high_rank_share <= 1 and 0 <= self.night_high_rank_share <= 1):
             raise InvalidPlacement("high-rank shares must be in [0, 1]")
+        if not (0 <= self.trend_damping <= 1 and 0 <= self.queue_trend_damping <= 1):
+            raise InvalidPlacement("trend dampings must be in [0, 1]")
 
     def phase(self, epoch: int) -> float:
         """0 at midnight, 1 at noon."""
@@ -135,21 +142,28 @@ def _observe(workload: Workload, result, config: SimConfig) -> dict[str, float]:
     return stats
 
 
-def desired_replicas(policy: str, target: float, observed: dict[str, float], spec: DiurnalSpec) -> int:
+def desired_replicas(policy: str, target: float, observed: dict[str, float], spec: DiurnalSpec,
+                     history: list[tuple[float, float]] | None = None) -> int:
+    """The count for the next window; `history` holds this policy's (window, need) of the windows so far and gets
+    this window's need appended (the trend forecast reads the last two)."""
     if policy == "fixed":
         return spec.max_replicas
     if policy == "adapter-aware":
-        needed = replicas_needed([observed], target) or 0.0
+        needed, damping = replicas_needed([observed], target) or 0.0, spec.trend_damping
     elif policy == "queue":
-        needed = observed["in_flight"] / target
+        needed, damping = observed["in_flight"] / target, spec.queue_trend_damping
     else:
         raise InvalidPlacement(f"unknown autoscaling policy '{policy}'; choose from: adapter-aware, queue")
-    return int(min(spec.max_replicas, max(spec.min_replicas, math.ceil(needed - 1e-9))))
+    history = [] if history is None else history
+    history.append((float(len(history)), needed))
+    ahead = trend_forecast(history[-2:], 1.0, damping)
+    return int(min(spec.max_replicas, max(spec.min_replicas, math.ceil(ahead - 1e-9))))
 
 
 def run_day(days: list[Workload], policy: str, target: float, spec: DiurnalSpec, config: SimConfig) -> dict:
     """Replica counts, replica-hours and the whole day's P95 TTFT of one policy at one target."""
     count, counts, ttft, hours = spec.max_replicas, [], [], 0.0
+    history: list[tuple[float, float]] = []
     for workload in days:
         while True:   # too few replicas to hold the window's adapters at all: the fleet's memory floor
             try:
@@ -162,7 +176,7 @@ def run_day(days: list[Workload], policy: str, target: float, spec: DiurnalSpec,
         counts.append(count)
         ttft.append(result.ttft_s)
         hours += count * workload.duration_s / 3600
-        count = desired_replicas(policy, target, _observe(workload, result, config), spec)
+        count = desired_replicas(policy, target, _observe(workload, result, config), spec, history)
     p95 = float(np.percentile(np.concatenate(ttft), 95))
     return {"target": target, "replica_hours": hours, "p95_ttft_s": p95,
             "meets_slo": p95 <= config.points.slo_p95_ttft_s, "replicas": counts}

@@ -99,3 +99,23 @@ def test_the_controller_follows_the_replica_count(redis_prefix, tmp_path):
         assert tables.load().num_replicas == 3
     finally:
         controller.stop()
+
+
+def test_the_serve_policy_follows_the_demand_trend_through_its_state():
+    policy = AdapterAwarePolicy(target_utilization=1.0, trend_damping=1.0, trend_window_s=60.0, trend_lead_s=10.0)
+
+    def tick(tokens_per_s: float, now: float, state: dict) -> tuple[int, dict]:
+        ctx = context({"r0": {"capacity_r8": 1000.0, "tokens_per_s_r8": tokens_per_s}}, 2)
+        ctx.policy_state, ctx.current_time = state, now
+        return policy(ctx)
+
+    desired, state = tick(2000.0, 100.0, {})
+    assert desired == 2 and state["history"] == [[100.0, 2.0]]   # one sample: no trend yet
+    desired, state = tick(3000.0, 110.0, state)
+    assert desired == 4 and state["forecast"] == pytest.approx(4.0)   # 3 + (0.1 replica/s x 10 s)
+    desired, state = tick(3000.0, 200.0, state)   # the old samples left the 60 s window: flat again
+    assert desired == 3 and len(state["history"]) == 1
+    calm = AdapterAwarePolicy(target_utilization=1.0, trend_damping=0.0)
+    ctx = context({"r0": {"capacity_r8": 1000.0, "tokens_per_s_r8": 3000.0}}, 2)
+    ctx.policy_state, ctx.current_time = {"history": [[100.0, 1.0]]}, 110.0
+    assert calm(ctx)[0] == 3   # damping 0: the reported demand alone

@@ -4,11 +4,13 @@ trace is what it says, each policy sizes the fleet by its own signal, the fleet 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from lf_testing import in_process_cli
 
+from lorafleet.infra.errors import InvalidPlacement
 from lorafleet.placement.autoscale_sim import (
     HIGH_RANKS,
     DiurnalSpec,
@@ -108,3 +110,39 @@ def test_the_search_refines_between_the_cheapest_meeting_target_and_the_next():
     assert _refined(coarse, [g | {"meets_slo": False} for g in grid]) == []   # nothing meets: nothing to refine
     last = [g | {"meets_slo": True} for g in grid]
     assert _refined(coarse, last) == []   # the cheapest meeting target is the grid's last
+
+
+def test_trend_forecast_extrapolates_the_least_squares_line_damped():
+    from lorafleet.placement.autoscaling import trend_forecast
+
+    rising = [(0.0, 10.0), (1.0, 12.0), (2.0, 14.0)]
+    assert trend_forecast(rising, 1.0, 1.0) == pytest.approx(16.0)
+    assert trend_forecast(rising, 1.0, 0.5) == pytest.approx(15.0)
+    assert trend_forecast(rising, 3.0, 0.5) == pytest.approx(17.0)   # further ahead, further along
+    assert trend_forecast(rising, 1.0, 0.0) == 14.0                  # damping 0: reactive
+    assert trend_forecast([(0.0, 10.0), (1.0, 4.0)], 1.0, 1.0) == 0.0   # falling, never below zero
+    assert trend_forecast([(0.0, 10.0), (1.0, 8.0)], 1.0, 0.5) == pytest.approx(7.0)
+    assert trend_forecast([(5.0, 3.0), (5.0, 9.0)], 1.0, 1.0) == 9.0   # no spread in time: the last need
+    assert trend_forecast([(0.0, 3.0)], 1.0, 1.0) == 3.0 and trend_forecast([], 1.0, 1.0) == 0.0
+
+
+def test_the_simulated_policies_forecast_one_window_ahead_only_where_asked():
+    points = OperatingPoints.default()
+    spec = DiurnalSpec(max_replicas=64)   # adapter-aware damping 0.5 (the live default), queue 0 (Serve's)
+
+    def observed(replicas: float) -> dict[str, float]:
+        return {"capacity_r8": points.capacity(8), "tokens_per_s_r8": replicas * points.capacity(8),
+                "in_flight": 2.0 * replicas}
+
+    aware, queue = [], []
+    assert desired_replicas("adapter-aware", 1.0, observed(4), spec, aware) == 4
+    assert desired_replicas("adapter-aware", 1.0, observed(8), spec, aware) == 10   # 8 + 0.5 x (8 - 4)
+    assert [n for _, n in aware] == pytest.approx([4.0, 8.0])
+    assert desired_replicas("queue", 2.0, observed(4), spec, queue) == 4
+    assert desired_replicas("queue", 2.0, observed(8), spec, queue) == 8            # reactive, as Serve ships it
+    both = replace(spec, queue_trend_damping=1.0)
+    queue = []
+    desired_replicas("queue", 2.0, observed(4), both, queue)
+    assert desired_replicas("queue", 2.0, observed(8), both, queue) == 12
+    with pytest.raises(InvalidPlacement, match="trend dampings"):
+        DiurnalSpec(trend_damping=1.5)
