@@ -20,66 +20,18 @@ SPLIT_MIN_RANK_PAD = 64
 
 
 def _sgmv_kernel(
-    x_ptr, in_ptr, out_ptr, y_ptr, order_ptr, seg_off_ptr, seg_start_ptr, seg_rank_ptr, seg_scale_ptr,
-    seg_lo, d_in, d_out, cols_per_split, stride_x, stride_in, stride_out, stride_y,
+    x_ptr, in_ptr, out_ptr, y_ptr, part_ptr, order_ptr, seg_off_ptr, seg_start_ptr, seg_rank_ptr, seg_scale_ptr,
+    seg_lo, d_in, d_out, k_per_split, cols_per_split, num_splits, num_tokens,
+    stride_x, stride_in, stride_out, stride_y,
     RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACCUMULATE: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    SHRINK: tl.constexpr, EXPAND: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # Punica SGMV on one segment tile: h = scale * X A^T (shrink, [BM, RP] kept in registers), then
-    # Y (+)= h B over this program's slice of d_out (expand). Splitting d_out across programs re-does the
-    # small shrink but keeps enough programs in flight for decode batches of a few tokens.
-    seg = seg_lo + tl.program_id(0)
-    lo = tl.load(seg_off_ptr + seg)
-    hi = tl.load(seg_off_ptr + seg + 1)
-    m0 = lo + tl.program_id(1) * BM
-    if m0 >= hi:
-        return
-    start = tl.load(seg_start_ptr + seg).to(tl.int64)
-    rank = tl.load(seg_rank_ptr + seg)
-    scale = tl.load(seg_scale_ptr + seg)
-    mi = m0 + tl.arange(0, BM)
-    m_ok = mi < hi
-    tok = tl.load(order_ptr + mi, mask=m_ok, other=0).to(tl.int64)
-    j = tl.arange(0, RP)
-    j_ok = j < rank
-    h = tl.zeros((BM, RP), dtype=tl.float32)
-    k_end = tl.where(rank > 0, d_in, 0)  # rank-0 segment: skip the shrink, write zeros
-    for k0 in range(0, k_end, BK):
-        k = k0 + tl.arange(0, BK)
-        k_ok = k < d_in
-        xk = tl.load(x_ptr + tok[:, None] * stride_x + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        a_t = tl.load(in_ptr + (start + j)[None, :] * stride_in + k[:, None],
-                      mask=k_ok[:, None] & j_ok[None, :], other=0.0)           # [BK, RP]
-        if UPCAST:
-            h = tl.dot(xk.to(tl.float32), a_t.to(tl.float32), h, input_precision="ieee")
-        else:
-            h = tl.dot(xk, a_t, h, input_precision=PRECISION)
-    h = (h * scale).to(x_ptr.dtype.element_ty)
-    n_lo = tl.program_id(2) * cols_per_split
-    n_hi = tl.minimum(n_lo + cols_per_split, d_out)
-    for n0 in range(n_lo, n_hi, BN):
-        n = n0 + tl.arange(0, BN)
-        n_ok = n < n_hi
-        b = tl.load(out_ptr + (start + j)[:, None] * stride_out + n[None, :],
-                    mask=j_ok[:, None] & n_ok[None, :], other=0.0)              # [RP, BN]
-        if UPCAST:
-            delta = tl.dot(h.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-        else:
-            delta = tl.dot(h, b, input_precision=PRECISION)
-        y_ptrs = y_ptr + tok[:, None] * stride_y + n[None, :]
-        y_mask = m_ok[:, None] & n_ok[None, :]
-        if ACCUMULATE:
-            delta += tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
-        tl.store(y_ptrs, delta.to(y_ptr.dtype.element_ty), mask=y_mask)
-
-
-def _shrink_kernel(
-    x_ptr, in_ptr, part_ptr, order_ptr, seg_off_ptr, seg_start_ptr, seg_rank_ptr,
-    seg_lo, d_in, k_per_split, num_tokens, stride_x, stride_in,
-    RP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):
-    # Punica's shrink with split-K: this program's slice of d_in, x A^T into part[split, token, :RP] (fp32).
-    # Each adapter's A rows are read once in all; no serial walk over all of d_in in one program.
+    # Punica SGMV on one segment tile, in one of three modes (constexpr, so each compiles to its own kernel):
+    # - SHRINK and EXPAND (fused): h = scale * X A^T over all of d_in ([BM, RP] kept in registers), then
+    #   Y (+)= h B over this program's slice of d_out (program_id(2) splits the columns; a split redoes the small
+    #   shrink, which keeps programs in flight for decode batches of a few tokens at small ranks);
+    # - SHRINK alone: program_id(2) takes a slice of d_in (split-K), its partial h goes to part[split, token];
+    # - EXPAND alone: h = scale * the sum of the partials in a fixed order, then Y (+)= h B on one column block.
     seg = seg_lo + tl.program_id(0)
     lo = tl.load(seg_off_ptr + seg)
     hi = tl.load(seg_off_ptr + seg + 1)
@@ -94,61 +46,44 @@ def _shrink_kernel(
     j = tl.arange(0, RP)
     j_ok = j < rank
     h = tl.zeros((BM, RP), dtype=tl.float32)
-    k_lo = tl.program_id(2) * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, d_in)
-    for k0 in range(k_lo, k_hi, BK):
-        k = k0 + tl.arange(0, BK)
-        k_ok = k < k_hi
-        xk = tl.load(x_ptr + tok[:, None] * stride_x + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        a_t = tl.load(in_ptr + (start + j)[None, :] * stride_in + k[:, None],
-                      mask=k_ok[:, None] & j_ok[None, :], other=0.0)           # [BK, RP]
-        if UPCAST:
-            h = tl.dot(xk.to(tl.float32), a_t.to(tl.float32), h, input_precision="ieee")
-        else:
-            h = tl.dot(xk, a_t, h, input_precision=PRECISION)
-    part = part_ptr + (tl.program_id(2) * num_tokens + tok)[:, None] * RP + j[None, :]
-    tl.store(part, h, mask=m_ok[:, None])
-
-
-def _expand_kernel(
-    part_ptr, out_ptr, y_ptr, order_ptr, seg_off_ptr, seg_start_ptr, seg_rank_ptr, seg_scale_ptr,
-    seg_lo, d_out, num_splits, num_tokens, stride_out, stride_y,
-    RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ACCUMULATE: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):
-    # Punica's expand: h = scale * (sum of the shrink's split-K partials, in a fixed order), then Y (+)= h B
-    # on one [BM, BN] tile of this segment.
-    seg = seg_lo + tl.program_id(0)
-    lo = tl.load(seg_off_ptr + seg)
-    hi = tl.load(seg_off_ptr + seg + 1)
-    m0 = lo + tl.program_id(1) * BM
-    if m0 >= hi:
-        return
-    start = tl.load(seg_start_ptr + seg).to(tl.int64)
-    rank = tl.load(seg_rank_ptr + seg)
-    scale = tl.load(seg_scale_ptr + seg)
-    mi = m0 + tl.arange(0, BM)
-    m_ok = mi < hi
-    tok = tl.load(order_ptr + mi, mask=m_ok, other=0).to(tl.int64)
-    j = tl.arange(0, RP)
-    j_ok = j < rank
-    h = tl.zeros((BM, RP), dtype=tl.float32)
-    for split in range(0, num_splits):
-        h += tl.load(part_ptr + (split * num_tokens + tok)[:, None] * RP + j[None, :], mask=m_ok[:, None], other=0.0)
-    h = (h * scale).to(out_ptr.dtype.element_ty)
-    n = tl.program_id(2) * BN + tl.arange(0, BN)
-    n_ok = n < d_out
-    b = tl.load(out_ptr + (start + j)[:, None] * stride_out + n[None, :],
-                mask=j_ok[:, None] & n_ok[None, :], other=0.0)                  # [RP, BN]
-    if UPCAST:
-        delta = tl.dot(h.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    if SHRINK:
+        k_lo = 0 if EXPAND else tl.program_id(2) * k_per_split   # fused: program_id(2) splits columns instead
+        k_hi = tl.where(rank > 0, tl.minimum(k_lo + k_per_split, d_in), 0)   # rank 0: no shrink, zeros out
+        for k0 in range(k_lo, k_hi, BK):
+            k = k0 + tl.arange(0, BK)
+            k_ok = k < k_hi
+            xk = tl.load(x_ptr + tok[:, None] * stride_x + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                         other=0.0)
+            a_t = tl.load(in_ptr + (start + j)[None, :] * stride_in + k[:, None],
+                          mask=k_ok[:, None] & j_ok[None, :], other=0.0)           # [BK, RP]
+            if UPCAST:
+                h = tl.dot(xk.to(tl.float32), a_t.to(tl.float32), h, input_precision="ieee")
+            else:
+                h = tl.dot(xk, a_t, h, input_precision=PRECISION)
     else:
-        delta = tl.dot(h, b, input_precision=PRECISION)
-    y_ptrs = y_ptr + tok[:, None] * stride_y + n[None, :]
-    y_mask = m_ok[:, None] & n_ok[None, :]
-    if ACCUMULATE:
-        delta += tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
-    tl.store(y_ptrs, delta.to(y_ptr.dtype.element_ty), mask=y_mask)
+        for split in range(0, num_splits):
+            h += tl.load(part_ptr + (split * num_tokens + tok)[:, None] * RP + j[None, :], mask=m_ok[:, None],
+                         other=0.0)
+    if EXPAND:
+        h = (h * tl.load(seg_scale_ptr + seg)).to(out_ptr.dtype.element_ty)
+        n_lo = tl.program_id(2) * cols_per_split
+        n_hi = tl.minimum(n_lo + cols_per_split, d_out)
+        for n0 in range(n_lo, n_hi, BN):
+            n = n0 + tl.arange(0, BN)
+            n_ok = n < n_hi
+            b = tl.load(out_ptr + (start + j)[:, None] * stride_out + n[None, :],
+                        mask=j_ok[:, None] & n_ok[None, :], other=0.0)              # [RP, BN]
+            if UPCAST:
+                delta = tl.dot(h.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+            else:
+                delta = tl.dot(h, b, input_precision=PRECISION)
+            y_ptrs = y_ptr + tok[:, None] * stride_y + n[None, :]
+            y_mask = m_ok[:, None] & n_ok[None, :]
+            if ACCUMULATE:
+                delta += tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
+            tl.store(y_ptrs, delta.to(y_ptr.dtype.element_ty), mask=y_mask)
+    else:
+        tl.store(part_ptr + (tl.program_id(2) * num_tokens + tok)[:, None] * RP + j[None, :], h, mask=m_ok[:, None])
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,25 +130,26 @@ def lora_delta_triton(x: torch.Tensor, in_rows: torch.Tensor, out_rows: torch.Te
         wanted = cdiv(wanted_programs, num_segments * m_tiles)
         cols_per_split = cdiv(n_blocks, min(max(wanted, 1), n_blocks)) * BLOCK_N
         col_splits = cdiv(d_out, cols_per_split)
-        seg_args = (plan.order, plan.seg_offsets, plan.seg_start, plan.seg_rank)
-        num_warps = 8 if cls.rank_pad >= 64 else 4
+        kernel, common = jit(_sgmv_kernel), (plan.order, plan.seg_offsets, plan.seg_start, plan.seg_rank,
+                                             plan.seg_scale, cls.seg_lo, d_in, d_out)
+        strides = (x.stride(0), in_rows.stride(0), out_rows.stride(0), out.stride(0))
+        consts = dict(RP=cls.rank_pad, BM=block_m, BN=BLOCK_N, BK=block_k, ACCUMULATE=accumulate,
+                      num_warps=8 if cls.rank_pad >= 64 else 4, **flags)
         use_split = col_splits > 1 and cls.rank_pad >= SPLIT_MIN_RANK_PAD if split is None else split
         if cls.is_base or not use_split:
-            jit(_sgmv_kernel)[(num_segments, m_tiles, col_splits)](
-                x, in_rows, out_rows, out, *seg_args, plan.seg_scale, cls.seg_lo, d_in, d_out, cols_per_split,
-                x.stride(0), in_rows.stride(0), out_rows.stride(0), out.stride(0),
-                RP=cls.rank_pad, BM=block_m, BN=BLOCK_N, BK=block_k, ACCUMULATE=accumulate,
-                num_warps=num_warps, **flags)
+            kernel[(num_segments, m_tiles, col_splits)](x, in_rows, out_rows, out, out, *common, d_in,
+                                                        cols_per_split, 0, 0, *strides, SHRINK=True, EXPAND=True,
+                                                        **consts)
             continue
         k_blocks = cdiv(d_in, block_k)
         k_per_split = cdiv(k_blocks, min(max(wanted, 1), k_blocks)) * block_k
         k_splits = cdiv(d_in, k_per_split)
-        partials = torch.empty(k_splits, x.shape[0], cls.rank_pad, dtype=torch.float32, device=x.device)
-        jit(_shrink_kernel)[(num_segments, m_tiles, k_splits)](
-            x, in_rows, partials, *seg_args, cls.seg_lo, d_in, k_per_split, x.shape[0], x.stride(0),
-            in_rows.stride(0), RP=cls.rank_pad, BM=block_m, BK=block_k, num_warps=num_warps, **flags)
-        jit(_expand_kernel)[(num_segments, m_tiles, n_blocks)](
-            partials, out_rows, out, *seg_args, plan.seg_scale, cls.seg_lo, d_out, k_splits, x.shape[0],
-            out_rows.stride(0), out.stride(0), RP=cls.rank_pad, BM=block_m, BN=BLOCK_N, ACCUMULATE=accumulate,
-            num_warps=num_warps, **flags)
+        tokens = x.shape[0]
+        partials = torch.empty(k_splits, tokens, cls.rank_pad, dtype=torch.float32, device=x.device)
+        kernel[(num_segments, m_tiles, k_splits)](x, in_rows, out_rows, out, partials, *common, k_per_split,
+                                                  BLOCK_N, k_splits, tokens, *strides, SHRINK=True, EXPAND=False,
+                                                  **consts)
+        kernel[(num_segments, m_tiles, n_blocks)](x, in_rows, out_rows, out, partials, *common, k_per_split,
+                                                  BLOCK_N, k_splits, tokens, *strides, SHRINK=False, EXPAND=True,
+                                                  **consts)
     return out
