@@ -101,3 +101,24 @@ def test_modules_of_two_widths_share_one_layout():
     lora_delta(batch.x, batch.in_rows, batch.out_rows, plan=plan, backend="torch")
     lora_delta(batch.x, batch.in_rows, batch.out_rows[:, :256].contiguous(), plan=plan, backend="torch")
     assert sum(k.startswith("torch_sgmv/") for k in plan.derived) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_looped_segments_of_consecutive_tokens_use_views(dtype, accumulate, monkeypatch, check_close):
+    # a decode batch of two adapters, each over a run of consecutive rows (base rows between them): the looped
+    # path takes those runs as slices (x and out as views, the scale inside addmm_ when accumulating)
+    monkeypatch.setattr(sgmv, "DENSE_DTYPES", ())
+    g = torch.Generator().manual_seed(7)
+    x, in_rows, out_rows = (torch.randn(n, d, generator=g).to(dtype) for n, d in ((20, D_IN), (20, D_IN), (20, D_OUT)))
+    start = torch.tensor([0] * 12 + [16] * 8)            # pool rows 0..15: a rank-16 adapter; 16..19: rank 4
+    rank = torch.tensor([16] * 8 + [0] * 4 + [4] * 8)    # rows 8..11: base rows between the two runs
+    scale = torch.tensor([0.5] * 12 + [2.0] * 8)
+    plan = plan_adapter_batch(start, rank, scale)
+    layout = sgmv.sgmv_torch_layout(plan, False, ())
+    assert [tokens for _, tokens in layout.looped] == [slice(12, 20), slice(0, 8)]   # sorted by rank
+    base = torch.randn(20, D_OUT, generator=g).to(dtype)
+    out = base.clone() if accumulate else torch.full((20, D_OUT), float("nan"), dtype=dtype)
+    lora_delta(x, in_rows, out_rows, plan=plan, out=out, accumulate=accumulate, backend="torch")
+    expected = lora_delta_reference(x.double(), in_rows.double(), out_rows.double(), start, rank, scale)
+    check_close(out, expected + (base.double() if accumulate else 0), dtype)
