@@ -16,11 +16,10 @@ import torch
 
 from lorafleet.benchmarks import engine_vllm
 from lorafleet.benchmarks.engine_profile import profile_decode
+from lorafleet.replicas.config import EngineConfig
 from lorafleet.replicas.engine import Engine
 from lorafleet.replicas.sampling_params import SamplingParams
 from lorafleet.replicas.weights import ModelConfig
-
-KV_BLOCK_SIZE = 16  # the engine's default, spelled out: the bench sizes each engine's KV blocks with it
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,10 +201,10 @@ def run_engine_bench(model_dir: str | Path | None = None, *, quick: bool = False
     max_model_len = spec.prompt_tokens + spec.output_tokens + 16
     common = dict(device=device, dtype=dtype, max_num_seqs=spec.max_num_seqs, target_modules=spec.targets,
                   max_batched_tokens=max(2048, spec.max_num_seqs), max_rank=max(spec.mixed_ranks),
-                  max_model_len=max_model_len, kv_block_size=KV_BLOCK_SIZE)
+                  max_model_len=max_model_len)
     # KV blocks for what the workload can hold at once: several engines share one GPU in this run (each would
     # otherwise take gpu_memory_utilization of it), and the CPU default is already larger than this.
-    kv_blocks = spec.max_num_seqs * (-(-max_model_len // KV_BLOCK_SIZE) + 1)
+    kv_blocks = spec.max_num_seqs * (-(-max_model_len // EngineConfig().kv_block_size) + 1)
     engine = Engine.from_pretrained(model_dir, max_adapters=spec.max_num_seqs, num_kv_blocks=kv_blocks, **common,
                                     adapter_pool_rows=spec.max_num_seqs * max(spec.mixed_ranks))
     fpt = flops_per_token(engine.model_config)
