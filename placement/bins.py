@@ -54,7 +54,8 @@ class Bins:
     capacity, a replica serving one hot adapter has more (OperatingPoints.crowding; factor 1 when not profiled).
     """
 
-    def __init__(self, num: int, points: OperatingPoints, max_bytes: int, fill: float) -> None:
+    def __init__(self, num: int, points: OperatingPoints, max_bytes: int, fill: float,
+                 position: dict[str, int] | None = None) -> None:
         self.points, self.max_bytes, self.fill = points, max_bytes, fill
         self.load = np.zeros(num)
         self.mem = np.zeros(num, dtype=np.int64)
@@ -62,6 +63,12 @@ class Bins:
         self.distinct = np.zeros(num)  # D: estimated distinct adapters per step
         self.pieces: list[dict[str, float]] = [{} for _ in range(num)]
         self.where: dict[str, set[int]] = {}  # adapter -> replicas holding a piece of it
+        # Adapters put whole by put_many and not touched since, by position in the solver's input (`position`):
+        # replica (-1: none) and tokens/s, outside `pieces` and `where` (a dict entry per adapter for most of a
+        # large fleet was most of the cold spread's time); a one-at-a-time access first moves one in (_settle).
+        self.position = position or {}
+        self.home = np.full(len(self.position), -1, dtype=np.int64)
+        self.home_amount = np.zeros(len(self.position))
         top = max(points.points)
         self.cap_of_class = np.full(top + 1, np.inf)  # class 0 (empty replica) has no limit yet
         self.curves: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -78,7 +85,27 @@ class Bins:
         # shares are of a replica's load at the fill level, at the mean capacity (D does not depend on the class)
         self.share_unit = max(fill, EPS) * float(np.mean(list(points.points.values())))
 
+    def _settle(self, adapter_id: str) -> None:
+        """Move an adapter placed by put_many into `pieces` and `where` (before a one-at-a-time access)."""
+        k = self.position.get(adapter_id)
+        if k is None or self.home[k] < 0:
+            return
+        v = int(self.home[k])
+        self.pieces[v][adapter_id] = float(self.home_amount[k])
+        self.where[adapter_id] = {v}
+        self.home[k] = -1
+
+    def is_placed(self, adapters: np.ndarray) -> np.ndarray:
+        """bool [len(adapters)]: whether each adapter (input position) holds a piece anywhere."""
+        out = self.home[adapters] >= 0
+        if self.where:
+            ids = self.position   # the settled ones: few
+            settled = np.array(sorted(ids[a] for a in self.where if a in ids), dtype=np.int64)
+            out |= np.isin(adapters, settled)
+        return out
+
     def can_hold(self, v: int, adapter_id: str, size: int) -> bool:
+        self._settle(adapter_id)
         return adapter_id in self.pieces[v] or self.mem[v] + size <= self.max_bytes
 
     def presence(self, amount: float) -> float:
@@ -95,6 +122,7 @@ class Bins:
         return np.where(amounts > 0, out, 0.0)
 
     def put(self, v: int, item: AdapterLoad, size: int, amount: float, cls: int) -> None:
+        self._settle(item.adapter_id)
         old = self.pieces[v].get(item.adapter_id)
         if old is None:
             old = 0.0
@@ -105,20 +133,16 @@ class Bins:
         self.load[v] += amount
         self.cls[v] = max(self.cls[v], cls)
 
-    def put_many(self, pieces: list, index: np.ndarray, v: np.ndarray, nbytes: np.ndarray, amount: np.ndarray,
-                 cls: np.ndarray, presence: np.ndarray) -> None:
-        """put() of pieces[i] = (item, amount, cls) for i in `index` onto replicas v (a replica may repeat), their
-        adapters on no replica yet; nbytes, amount, cls and presence (presences()) are indexed like `pieces`."""
-        if not len(index):
-            return
-        np.add.at(self.mem, v, nbytes[index])
-        np.add.at(self.load, v, amount[index])
-        np.add.at(self.distinct, v, presence[index])
-        np.maximum.at(self.cls, v, cls[index])
-        for i, replica in zip(index.tolist(), v.tolist(), strict=True):
-            item, piece_amount, _ = pieces[i]
-            self.pieces[replica][item.adapter_id] = piece_amount
-            self.where[item.adapter_id] = {replica}
+    def put_many(self, adapters: np.ndarray, v: np.ndarray, nbytes: np.ndarray, amount: np.ndarray, cls: np.ndarray,
+                 presence: np.ndarray) -> None:
+        """put() of whole pieces, one per adapter (input positions, on no replica yet), onto replicas v (a replica
+        may repeat); nbytes, amount, cls and presence (presences()) are per piece."""
+        np.add.at(self.mem, v, nbytes)
+        np.add.at(self.load, v, amount)
+        np.add.at(self.distinct, v, presence)
+        np.maximum.at(self.cls, v, cls)
+        self.home[adapters] = v
+        self.home_amount[adapters] = amount
 
     def factor(self, cls: np.ndarray, distinct: np.ndarray) -> np.ndarray:
         """Crowding factor of replicas of classes `cls` at `distinct` adapters per step (1 where not profiled)."""
@@ -152,12 +176,24 @@ class Bins:
         cap = float(self.cap_of_class[new_cls])
         curve = self.curve_lists.get(new_cls)
         if curve is not None:
+            self._settle(adapter_id)
             old = self.pieces[v].get(adapter_id, 0.0)
             d = float(self.distinct[v]) + self.presence(old + want) - self.presence(old)
             cap *= interp(d, *curve)
         return max(0.0, min(want, level * cap - float(self.load[v])))
 
+    def placed(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every piece: (adapter input positions [P] int64, replicas [P] int64, tokens/s [P] float64)."""
+        position = self.position
+        ids = [position[a] for pieces in self.pieces for a in pieces]
+        where = [v for v, pieces in enumerate(self.pieces) for _ in range(len(pieces))]
+        amounts = [x for pieces in self.pieces for x in pieces.values()]
+        bulk = np.flatnonzero(self.home >= 0)
+        return (np.r_[np.array(ids, dtype=np.int64), bulk], np.r_[np.array(where, dtype=np.int64), self.home[bulk]],
+                np.r_[np.array(amounts, dtype=np.float64), self.home_amount[bulk]])
+
     def memory_ok(self, adapter_id: str, size: int) -> np.ndarray:
+        self._settle(adapter_id)
         ok = self.mem + size <= self.max_bytes
         ok[list(self.where.get(adapter_id, ()))] = True
         return ok

@@ -9,64 +9,31 @@ import numpy as np
 from lorafleet.infra.errors import PlacementInfeasible
 from lorafleet.placement.bins import EPS, AdapterLoad
 from lorafleet.placement.budgets import MEMORY_FILL
+from lorafleet.placement.pool import Items, Piece, Pool
 
 LEVEL_STEP = 0.02  # step 4 raises the fill level in 2% steps
-
-
-Piece = tuple[AdapterLoad, float, int]  # (adapter, tokens/s of this piece, its rank class)
-
-
-def carve(pool: list[Piece], excess: float) -> tuple[list[Piece], list[Piece]]:
-    """Split `excess` tokens/s off the hottest pieces of `pool`: (kept, carved). Riding on other replicas costs
-    a copy of the adapter there, so few hot pieces ride rather than many cold adapters."""
-    kept, carved = [], []
-    ordered = sorted(pool, key=lambda x: -x[1])
-    i = 0
-    while i < len(ordered) and excess > 0:   # once the excess is gone, every other piece stays whole
-        item, amount, cls = ordered[i]
-        take = min(amount, excess)
-        if take > EPS * item.tokens_per_s:
-            carved.append((item, take, cls))
-            excess -= take
-        if amount - take > EPS * item.tokens_per_s:
-            kept.append((item, amount - take, cls))
-        i += 1
-    kept += ordered[i:]
-    kept.sort(key=lambda x: -x[1])
-    return kept, carved
-
-
-def shed_memory(pool: list[Piece], max_total_bytes: float, size: dict[str, int]) -> tuple[list[Piece], list[Piece]]:
-    """Move the coldest whole pieces off `pool` until its adapters' bytes fit `max_total_bytes`: (kept, shed).
-    Cold adapters cost memory and little capacity wherever they ride."""
-    kept = sorted(pool, key=lambda x: -x[1])
-    need = sum(size[item.adapter_id] for item, _, _ in kept)
-    shed = []
-    while kept and need > max_total_bytes:
-        piece = kept.pop()
-        need -= size[piece[0].adapter_id]
-        shed.append(piece)
-    return kept, shed
 
 
 COLD_SHARE = 1 / 32  # an adapter under this share of a replica's room is cold: memory, not capacity, places it
 STICKY_PASSES = 16   # spread_cold: passes that retry cold pieces on their previous replica after one did not fit
 
 
-def spread_cold(bins, pieces, members, cls, level, size, previous) -> list[Piece]:
+def spread_cold(bins, pool: Pool, members, cls, level, items: Items, previous, previous_rows) -> list[Piece]:
     """Cold pieces whole onto the member with the most free adapter memory that has the room (their previous
     replica first), so their bytes spread evenly and every replica keeps memory for copies of the hot adapters;
     returns the pieces that fit nowhere.
 
     Most adapters of a large fleet are cold, so this runs in numpy rounds (_spread_rounds); the pieces a round
-    cannot place where it tried go through the exact one-piece-at-a-time pass (_spread_each), then to leftovers."""
-    if not pieces or not members:
-        return list(pieces)
-    rest = _spread_rounds(bins, pieces, members, cls, level, size, previous)
-    return _spread_each(bins, rest, members, cls, level, size, previous)
+    cannot place where it tried go through the exact one-piece-at-a-time pass (_spread_each), then to leftovers.
+    previous: the previous table's entries; previous_rows: its columns and each input position's row there (-1:
+    none), or None."""
+    if not len(pool) or not members:
+        return items.tuples(pool)
+    rest = _spread_rounds(bins, pool, members, cls, level, items, previous_rows)
+    return _spread_each(bins, items.tuples(rest), members, cls, level, items, previous)
 
 
-def _spread_rounds(bins, pieces, members, cls, level, size, previous) -> list[Piece]:
+def _spread_rounds(bins, pool: Pool, members, cls, level, items: Items, previous_rows) -> Pool:
     """The bulk of spread_cold.
     (1) Each piece whose adapter had a previous replica among the members goes there (its largest previous share),
         in input order per replica, skipping those that do not fit: up to STICKY_PASSES passes of numpy prefix
@@ -75,28 +42,22 @@ def _spread_rounds(bins, pieces, members, cls, level, size, previous) -> list[Pi
         used, the k-th piece of a round onto the member with the k-th least (ties: lower index), as the
         one-at-a-time greedy does when the pieces are of one size.
     Every placement checks memory and the capacity at `level` with the crowding it adds, as Bins.fit; pieces that
-    fail, and adapters already placed anywhere, are returned for the exact pass."""
+    fail, and adapters already placed anywhere (or twice in the pool), are returned for the exact pass."""
     members_arr = np.asarray(members, dtype=np.int64)
     is_member = np.zeros(len(bins.load), dtype=bool)
     is_member[members_arr] = True
-    fresh, rest, seen = [], [], set()
-    for piece in pieces:   # an adapter already holding a piece somewhere (or twice here): the exact pass merges it
-        adapter_id = piece[0].adapter_id
-        (rest if adapter_id in bins.where or adapter_id in seen else fresh).append(piece)
-        seen.add(adapter_id)
-    if not fresh:
+    # an adapter already holding a piece somewhere (or twice here): the exact pass merges it
+    first = np.zeros(len(pool), dtype=bool)
+    first[np.unique(pool.adapter, return_index=True)[1]] = True
+    is_fresh = first & ~bins.is_placed(pool.adapter)
+    rest, fresh = pool.take(np.flatnonzero(~is_fresh)), pool.take(np.flatnonzero(is_fresh))
+    if not len(fresh):
         return rest
-    nbytes = np.array([size[p[0].adapter_id] for p in fresh], dtype=np.int64)
-    amount = np.array([p[1] for p in fresh], dtype=np.float64)
-    piece_cls = np.array([p[2] for p in fresh], dtype=np.int64)
-    tol = EPS * np.array([p[0].tokens_per_s for p in fresh], dtype=np.float64)
+    nbytes = items.nbytes[fresh.adapter]
+    amount, piece_cls = fresh.amount, fresh.cls
+    tol = EPS * items.demand[fresh.adapter]
     presence = bins.presences(amount)
-    target = np.full(len(fresh), -1, dtype=np.int64)
-    num_bins = len(is_member)
-    for i, (item, _, _) in enumerate(fresh):
-        old = [e for e in previous.get(item.adapter_id, ()) if e[0] < num_bins and is_member[e[0]]]
-        if old:
-            target[i] = max(old, key=lambda e: e[1])[0]
+    target = _previous_replica(previous_rows, fresh.adapter, is_member)
     sticky = np.flatnonzero(target >= 0)
     todo = np.flatnonzero(target < 0)
     pending = sticky[np.argsort(target[sticky], kind="stable")]   # by replica, input order within one
@@ -109,7 +70,8 @@ def _spread_rounds(bins, pieces, members, cls, level, size, previous) -> list[Pi
         v = target[pending]
         fits = _fits_in_sequence(bins, v, nbytes[pending], amount[pending], presence[pending],
                                  np.maximum(piece_cls[pending], cls), tol[pending], level, sticky_bytes)
-        bins.put_many(fresh, pending[fits], v[fits], nbytes, amount, piece_cls, presence)
+        done = pending[fits]
+        bins.put_many(fresh.adapter[done], v[fits], nbytes[done], amount[done], piece_cls[done], presence[done])
         # A piece that does not fit its previous replica alone now cannot fit there later either (its load only
         # grows): spread it with the rest; the others try again, in sequence, in the next pass.
         pending = pending[~fits]
@@ -130,9 +92,40 @@ def _spread_rounds(bins, pieces, members, cls, level, size, previous) -> list[Pi
         by_memory = members_arr[order[:len(chunk)]]
         ok = _fits_each(bins, by_memory, nbytes[chunk], amount[chunk], presence[chunk],
                         np.maximum(piece_cls[chunk], cls), tol[chunk], level)
-        bins.put_many(fresh, chunk[ok], by_memory[ok], nbytes, amount, piece_cls, presence)
-        retry += [fresh[i] for i in chunk[~ok]]
-    return rest + retry
+        done = chunk[ok]
+        bins.put_many(fresh.adapter[done], by_memory[ok], nbytes[done], amount[done], piece_cls[done],
+                      presence[done])
+        retry.append(chunk[~ok])
+    return rest + fresh.take(np.concatenate(retry) if retry else np.zeros(0, dtype=np.int64))
+
+
+def _previous_replica(previous_rows, adapters: np.ndarray, is_member: np.ndarray) -> np.ndarray:
+    """int64 [len(adapters)]: each adapter's replica of the largest probability in the previous table among the
+    members (is_member, by replica), the lowest such replica on ties; -1 where it had none."""
+    target = np.full(len(adapters), -1, dtype=np.int64)
+    if previous_rows is None:
+        return target
+    columns, rows = previous_rows
+    which, k = expand_rows(columns.offsets, rows[adapters])
+    replica = columns.replicas[k]
+    keep = replica < len(is_member)
+    keep[keep] = is_member[replica[keep]]
+    which, replica, probability = which[keep], replica[keep], columns.probabilities[k][keep]
+    order = np.lexsort((replica, -probability, which))
+    which, replica = which[order], replica[order]
+    is_first = np.r_[True, which[1:] != which[:-1]] if len(which) else np.zeros(0, dtype=bool)
+    target[which[is_first]] = replica[is_first]
+    return target
+
+
+def expand_rows(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(which, k): for each i with rows[i] >= 0, i repeated once per piece of its row in a CSR table (offsets),
+    and those pieces' indices k, row after row in the order of `rows`."""
+    valid = np.flatnonzero(rows >= 0)
+    starts, counts = offsets[rows[valid]], offsets[rows[valid] + 1] - offsets[rows[valid]]
+    which = np.repeat(valid, counts)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    return which, np.repeat(starts, counts) + np.arange(len(which)) - first
 
 
 def _fits_each(bins, v, nbytes, amount, presence, need_cls, tol, level, max_bytes=None) -> np.ndarray:
@@ -198,17 +191,18 @@ def _spread_each(bins, pieces, members, cls, level, size, previous) -> list[Piec
     return leftovers
 
 
-def pack_class(bins, pieces, members, cls, level, size, min_share, previous) -> list[Piece]:
+def pack_class(bins, pool: Pool, members, cls, level, items: Items, min_share, previous, previous_rows) -> list[Piece]:
     """Pieces of one class's pool onto `members` (replicas of class `cls`), each up to `level` x its capacity:
     cold pieces spread by memory (spread_cold), then fractional LPT of the rest (hottest first, split where they
     do not fit whole), an adapter's previous replicas first (less churn); returns the pieces that did not fit."""
+    size = items
     if members:
-        cold_below = COLD_SHARE * level * bins.cap_of_class[cls]
-        cold = [p for p in pieces if p[0].tokens_per_s < cold_below]
-        pieces = [p for p in pieces if p[0].tokens_per_s >= cold_below]
-        leftovers = spread_cold(bins, cold, members, cls, level, size, previous)
+        is_cold = items.demand[pool.adapter] < COLD_SHARE * level * bins.cap_of_class[cls]
+        leftovers = spread_cold(bins, pool.take(np.flatnonzero(is_cold)), members, cls, level, items, previous,
+                                previous_rows)
+        pieces = items.tuples(pool.take(np.flatnonzero(~is_cold)))
     else:
-        leftovers = []
+        leftovers, pieces = [], items.tuples(pool)
     room = {v: bins.free(v, cls, level) for v in members}
     heap = [(-room[v], v) for v in members]
     heapq.heapify(heap)
@@ -277,12 +271,15 @@ def spill(bins, item, amount, cls, nbytes, min_share) -> float:
     top = max(1.0, bins.fill)
     levels = [*np.arange(bins.fill, top, LEVEL_STEP).tolist(), top]
     phases = [((bins.cls == cls) | (bins.cls == 0)) & mem_ok, (bins.cls > cls) & mem_ok, mem_ok]
+    cap = None
     for level in levels:
         for phase in phases:
             in_phase = phase.copy()  # replicas skipped below (own crowding) are tried again at the next level
             while remaining > tol:
-                new_cls = np.maximum(bins.cls, cls)
-                room = level * bins.capacity(new_cls) - bins.load
+                if cap is None:   # the capacities change only with a put: not recomputed per level and phase
+                    new_cls = np.maximum(bins.cls, cls)
+                    cap = bins.capacity(new_cls)
+                room = level * cap - bins.load
                 ok = in_phase & (room > tol) & (room >= min(min_piece, remaining) - tol)
                 if not ok.any():
                     break
@@ -296,6 +293,7 @@ def spill(bins, item, amount, cls, nbytes, min_share) -> float:
                 if remaining - put >= remaining:  # a piece below float resolution: take it all (terminates)
                     put = remaining
                 bins.put(v, item, nbytes, put, cls)
+                cap = None
                 remaining -= put
             if remaining <= tol:
                 return 0.0

@@ -21,8 +21,9 @@ from lorafleet.placement.assignment import class_assignment, max_weight_assignme
 from lorafleet.placement.bins import EPS, AdapterLoad, Bins
 from lorafleet.placement.budgets import MEMORY_FILL, class_budgets
 from lorafleet.placement.operating_points import OperatingPoints
-from lorafleet.placement.packing import Piece, carve, overload, pack_class, shed_memory, spill
-from lorafleet.placement.routing_table import RoutingTable
+from lorafleet.placement.packing import expand_rows, overload, pack_class, spill
+from lorafleet.placement.pool import Items, Piece, Pool, carve, shed_memory
+from lorafleet.placement.routing_table import RoutingTable, TableColumns
 
 OVERLOAD_TOLERANCE = 1e-6  # utilisation above 1 + this is an overload, below it float rounding
 
@@ -80,82 +81,98 @@ def solve(
     if not isinstance(num_replicas, int) or num_replicas < 1:
         raise InvalidPlacement(f"num_replicas must be an integer >= 1, got {num_replicas!r}")
     max_bytes = int(max_adapter_bytes or points.max_adapter_bytes)
+    adapters = adapters if isinstance(adapters, list | tuple) else list(adapters)
     ids = [a.adapter_id for a in adapters]
-    if len(set(ids)) != len(ids):
+    position = dict(zip(ids, range(len(ids)), strict=True))
+    if len(position) != len(ids):
         raise InvalidPlacement("adapters: the same adapter_id appears twice")
-    items = [a for a in adapters if a.tokens_per_s > 0]
-    rank_class = {r: points.rank_class(r) for r in {a.rank for a in items}}
-    default_bytes = {r: points.adapter_bytes(r) for r in rank_class}
-    size = {a.adapter_id: a.size_bytes or default_bytes[a.rank] for a in items}
-    too_big = [a for a in items if size[a.adapter_id] > max_bytes]
-    if too_big:
-        a = too_big[0]
+    demand = np.fromiter((a.tokens_per_s for a in adapters), dtype=np.float64, count=len(adapters))
+    with_demand = np.flatnonzero(demand > 0)   # input positions
+    ranks = np.fromiter((a.rank for a in adapters), dtype=np.int64, count=len(adapters))[with_demand]
+    unique_ranks = np.unique(ranks).tolist()
+    class_of = np.array([points.rank_class(r) for r in unique_ranks], dtype=np.int64)[np.searchsorted(unique_ranks,
+                                                                                                      ranks)]
+    default_bytes = np.array([points.adapter_bytes(r) for r in unique_ranks], dtype=np.int64)
+    nbytes = np.zeros(len(adapters), dtype=np.int64)
+    given = np.fromiter((a.size_bytes for a in adapters), dtype=np.int64, count=len(adapters))[with_demand]
+    nbytes[with_demand] = np.where(given > 0, given, default_bytes[np.searchsorted(unique_ranks, ranks)])
+    too_big = with_demand[nbytes[with_demand] > max_bytes]
+    if len(too_big):
+        k = int(too_big[0])
         raise PlacementInfeasible(
-            f"adapter '{a.adapter_id}' needs {size[a.adapter_id]} bytes, above the {max_bytes} bytes of adapter "
-            "memory of every replica"
+            f"adapter '{ids[k]}' needs {nbytes[k]} bytes, above the {max_bytes} bytes of adapter memory of every "
+            "replica"
         )
+    items = Items(adapters, position, demand, nbytes)
     # Step 1 input order: demand descending, ties broken by a seeded hash (deterministic per seed).
-    _sort_by_demand(items, seed)
-    by_class: dict[int, list[AdapterLoad]] = {}
-    for a in items:
-        by_class.setdefault(rank_class[a.rank], []).append(a)
+    order = _sort_by_demand(with_demand, demand, ids, seed)
+    order_cls = np.empty(len(adapters), dtype=np.int64)
+    order_cls[with_demand] = class_of
+    order_cls = order_cls[order]
+    classes, first = np.unique(order_cls, return_index=True)
+    # input positions, hottest first; the classes in the order of their hottest adapter (the order of the sums below)
+    by_class = {c: order[order_cls == c] for c in classes[np.argsort(first)].tolist()}
 
     # Step 2: replicas per class (largest remainder, memory floors) and the balanced level u they reach when
     # low ranks may ride on higher-rank replicas; target t = Σ_c D_c/cap_c / R is the rank-isolated ideal.
-    demand = {c: sum(a.tokens_per_s for a in group) for c, group in by_class.items()}
-    class_bytes = {c: sum(size[a.adapter_id] for a in group) for c, group in by_class.items()}
+    class_demand = {c: float(np.cumsum(demand[group])[-1]) for c, group in by_class.items()}   # summed in order
+    class_bytes = {c: int(nbytes[group].sum()) for c, group in by_class.items()}
     before = {int(c): int(b) for c, b in (previous.meta.get("class_budgets") or {}).items()} if previous else None
-    budget, balanced = class_budgets(demand, class_bytes, points.points, num_replicas, max_bytes, before, min_fill)
-    target = sum(d / points.points[c] for c, d in demand.items()) / num_replicas
+    budget, balanced = class_budgets(class_demand, class_bytes, points.points, num_replicas, max_bytes, before,
+                                     min_fill)
+    target = sum(d / points.points[c] for c, d in class_demand.items()) / num_replicas
     fill = max(balanced, min_fill)
-    bins = Bins(num_replicas, points, max_bytes, fill)
+    bins = Bins(num_replicas, points, max_bytes, fill, position)
 
     # Step 3: classes from the lowest rank up, each onto its replicas at the level `fill`; what exceeds the class's
     # memory (its coldest adapters) or room (pieces of its hottest) rides on the next class up. With a previous
     # table, classes keep the replicas that served them and adapters stay put where room allows.
-    members = _class_members(budget, by_class, previous, num_replicas)
+    previous_rows = None   # (the previous table's columns, each input position's row there or -1)
+    if previous is not None and previous.entries:
+        columns = previous.columns()
+        previous_rows = (columns, columns.rows_of(ids))
+    members = _class_members(budget, by_class, demand, previous_rows, num_replicas)
     old_entries = previous.entries if previous is not None else {}
-    carry: list[Piece] = []
+    carry = Pool.empty()
     leftovers: list[Piece] = []
     for c in sorted(set(by_class) | set(budget)):
-        pool = [(a, a.tokens_per_s, c) for a in by_class.get(c, ())] + carry
+        group = by_class.get(c, np.zeros(0, dtype=np.int64))
+        pool = Pool(group, demand[group], np.full(len(group), c, dtype=np.int64)) + carry
         room = points.points[c] * fill
         num_members = len(members.get(c, ()))
-        carry = []
+        carry = Pool.empty()
         if any(budget.get(h, 0) for h in budget if h > c):   # a class above can take what does not fit here
-            pool, carry = shed_memory(pool, MEMORY_FILL * max_bytes * num_members, size)
-            excess = sum(amount for _, amount, _ in pool) - room * num_members
+            pool, carry = shed_memory(pool, MEMORY_FILL * max_bytes * num_members, nbytes)
+            excess = pool.total() - room * num_members
             if excess > EPS * room:
-                pool, hot = carve(pool, excess)
-                carry += hot
-        leftovers += pack_class(bins, pool, members.get(c, []), c, fill * (1 + EPS), size, min_share, old_entries)
-    leftovers += carry
+                pool, hot = carve(pool, excess, demand)
+                carry = carry + hot
+        leftovers += pack_class(bins, pool, members.get(c, []), c, fill * (1 + EPS), items, min_share, old_entries,
+                                previous_rows)
+    leftovers += items.tuples(carry)
 
     # Step 4: leftovers (memory, crumbs, the top class's excess), highest rank class first: same class, higher
     # classes, then any replica, never above an operating point; then without the min_share crumb rule; only
     # demand that fits under no operating point goes to the least utilised replica (is_overloaded).
     leftovers.sort(key=lambda x: (-x[2], -x[1]))
     for item, amount, cls in leftovers:
-        nbytes = size[item.adapter_id]
-        rest = spill(bins, item, amount, cls, nbytes, min_share)
+        size = items[item.adapter_id]
+        rest = spill(bins, item, amount, cls, size, min_share)
         if rest > EPS * item.tokens_per_s:
-            rest = spill(bins, item, rest, cls, nbytes, 0.0)
+            rest = spill(bins, item, rest, cls, size, 0.0)
         if rest > EPS * item.tokens_per_s:
-            overload(bins, item, rest, cls, nbytes)
+            overload(bins, item, rest, cls, size)
 
     # Step 5: physical replica for each virtual one, keeping the most traffic where it was.
-    perm = _permutation(bins, previous, num_replicas)
-    # Step 6: the table.
-    placed: dict[str, float] = {}
-    for pieces in bins.pieces:
-        for adapter_id, amount in pieces.items():
-            placed[adapter_id] = placed.get(adapter_id, 0.0) + amount
-    entries: dict[str, list[tuple[int, float]]] = {}
-    for v, pieces in enumerate(bins.pieces):
-        for adapter_id, amount in pieces.items():
-            # rounded: float noise of the packing (1e-16) must not read as a move between two tables
-            entries.setdefault(adapter_id, []).append((int(perm[v]), round(amount / placed[adapter_id], 12)))
-    table_entries = {a: tuple(e) if len(e) == 1 else tuple(sorted(e)) for a, e in sorted(entries.items())}
+    piece_pos, piece_v, piece_amount = bins.placed()
+    by_id = sorted(with_demand.tolist(), key=ids.__getitem__)
+    row_of = np.full(len(adapters), -1, dtype=np.int64)
+    row_of[by_id] = np.arange(len(by_id))
+    piece_row = row_of[piece_pos]
+    piece_total = _adapter_totals(piece_row, piece_v, piece_amount)
+    perm = _permutation(piece_v, piece_amount, piece_total, piece_pos, previous_rows, num_replicas)
+    # Step 6: the table, as arrays (rows by adapter id, replicas ascending within a row).
+    columns = _columns([ids[k] for k in by_id], piece_row, perm[piece_v], piece_amount, piece_total)
     inverse = np.empty(num_replicas, dtype=np.int64)
     inverse[perm] = np.arange(num_replicas)
     util = bins.utilization()
@@ -172,14 +189,14 @@ def solve(
         "replica_tokens_per_s": [round(float(bins.load[v]), 3) for v in inverse],
     }
     version = previous.version + 1 if previous is not None else 1
-    table = RoutingTable(num_replicas, table_entries, version=version, meta=placement_meta)
+    table = RoutingTable.from_columns(num_replicas, columns, version=version, meta=placement_meta)
     return Placement(
         table=table,
         replica_max_rank=tuple(int(bins.cls[v]) for v in inverse),
         replica_tokens_per_s=tuple(float(bins.load[v]) for v in inverse),
         replica_utilization=tuple(float(util[v]) for v in inverse),
         replica_adapter_bytes=tuple(int(bins.mem[v]) for v in inverse),
-        replica_num_adapters=tuple(len(bins.pieces[v]) for v in inverse),
+        replica_num_adapters=tuple(np.bincount(piece_v, minlength=num_replicas)[inverse].tolist()),
         class_budgets=dict(sorted(budget.items())),
         target_utilization=target,
         balanced_utilization=balanced,
@@ -194,36 +211,39 @@ def _tiebreak(seed: int, adapter_id: str) -> bytes:
     return hashlib.blake2b(f"{seed}:{adapter_id}".encode(), digest_size=8).digest()
 
 
-def _sort_by_demand(items: list[AdapterLoad], seed: int) -> None:
-    """Sort in place by demand descending, equal demands by _tiebreak: the order of the key (-demand, tiebreak),
-    hashing only the adapters that tie (few, with measured demand)."""
-    items.sort(key=lambda a: -a.tokens_per_s)
-    lo = 0
-    while lo < len(items):
-        hi = lo + 1
-        while hi < len(items) and items[hi].tokens_per_s == items[lo].tokens_per_s:
-            hi += 1
-        if hi - lo > 1:
-            items[lo:hi] = sorted(items[lo:hi], key=lambda a: _tiebreak(seed, a.adapter_id))
-        lo = hi
+def _sort_by_demand(positions: np.ndarray, demand: np.ndarray, ids: list[str], seed: int) -> np.ndarray:
+    """positions (ascending) by demand descending, equal demands by _tiebreak: the order of the key (-demand,
+    tiebreak), hashing only the adapters that tie (few, with measured demand)."""
+    order = positions[np.argsort(-demand[positions], kind="stable")]
+    d = demand[order]
+    starts = np.flatnonzero(np.r_[True, d[1:] != d[:-1]])
+    ends = np.r_[starts[1:], len(order)]
+    for lo, hi in zip(starts[ends - starts > 1].tolist(), ends[ends - starts > 1].tolist(), strict=True):
+        order[lo:hi] = sorted(order[lo:hi].tolist(), key=lambda k: _tiebreak(seed, ids[k]))
+    return order
 
 
-def _class_members(budget, by_class, previous, num_replicas) -> dict[int, list[int]]:
+def _class_members(budget, by_class, demand, previous_rows, num_replicas) -> dict[int, list[int]]:
     """Physical replicas of each class: consecutive without a previous table, else those that carried
     most of the class's traffic before (assignment of class slots to replicas)."""
     classes = sorted(budget)
-    if previous is None or not previous.entries:
+    if previous_rows is None:
         members, first = {}, 0
         for c in classes:
             members[c] = list(range(first, first + budget[c]))
             first += budget[c]
         return members
+    columns, rows = previous_rows
+    # score[class, replica] = Σ demand x previous probability, added in the order of a loop over the classes, their
+    # adapters (hottest first) and their previous pieces
+    group = np.concatenate([by_class[c] for c in classes]) if classes else np.zeros(0, dtype=np.int64)
+    row_of_class = np.repeat(np.arange(len(classes)), [len(by_class[c]) for c in classes])
+    which, k = expand_rows(columns.offsets, rows[group])
+    physical = columns.replicas[k]
+    keep = physical < num_replicas
+    which, physical, p_old = which[keep], physical[keep], columns.probabilities[k][keep]
     score = np.zeros((len(classes), num_replicas))
-    for row, c in enumerate(classes):
-        for item in by_class[c]:
-            for physical, p_old in previous.entries.get(item.adapter_id, ()):
-                if physical < num_replicas:
-                    score[row, physical] += item.tokens_per_s * p_old
+    np.add.at(score, (row_of_class[which], physical), demand[group][which] * p_old)
     # the spare replicas (beyond the budgets) form one more class that scores 0 everywhere
     spare = num_replicas - sum(budget[c] for c in classes)
     owner = class_assignment(np.vstack([score, np.zeros((1, num_replicas))]),
@@ -231,24 +251,48 @@ def _class_members(budget, by_class, previous, num_replicas) -> dict[int, list[i
     return {c: [int(p) for p in np.flatnonzero(owner == row)] for row, c in enumerate(classes)}   # ascending
 
 
-def _permutation(bins: Bins, previous: RoutingTable | None, num_replicas: int) -> np.ndarray:
-    """perm[virtual] = physical, maximising Σ_a demand_a · Σ_r min(p_new(a, r), p_old(a, r))."""
-    if previous is None or not previous.entries:
+def _adapter_totals(row: np.ndarray, v: np.ndarray, amount: np.ndarray) -> np.ndarray:
+    """float64 [P]: each piece's adapter's tokens/s over all its pieces, summed in replica order (as a loop over
+    the replicas would: the float the probabilities are rounded from)."""
+    total = amount.copy()
+    counts = np.bincount(row)
+    split = np.flatnonzero(counts[row] > 1)   # pieces of adapters on several replicas: few
+    if len(split):
+        split = split[np.lexsort((v[split], row[split]))]
+        sums: dict[int, float] = {}
+        for r, x in zip(row[split].tolist(), amount[split].tolist(), strict=True):
+            sums[r] = sums.get(r, 0.0) + x
+        total[split] = [sums[r] for r in row[split].tolist()]
+    return total
+
+
+def _columns(table_ids: list[str], row: np.ndarray, physical: np.ndarray, amount: np.ndarray,
+             total: np.ndarray) -> TableColumns:
+    """The table's arrays from its pieces (row = index into table_ids, the sorted ids) on physical replicas."""
+    order = np.lexsort((physical, row))
+    row, physical, amount, total = row[order], physical[order], amount[order], total[order]
+    probability = np.ones(len(row))
+    split = np.flatnonzero(amount != total)
+    # rounded: float noise of the packing (1e-16) must not read as a move between two tables
+    probability[split] = [round(x / t, 12) for x, t in zip(amount[split].tolist(), total[split].tolist(),
+                                                          strict=True)]
+    offsets = np.zeros(len(table_ids) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(row, minlength=len(table_ids)), out=offsets[1:])
+    return TableColumns(table_ids, offsets, physical, probability)
+
+
+def _permutation(v, amount, total, adapter, previous_rows, num_replicas) -> np.ndarray:
+    """perm[virtual] = physical, maximising Σ_a demand_a · Σ_r min(p_new(a, r), p_old(a, r)); pieces as arrays
+    (replica v, tokens/s, their adapter's total, its input position)."""
+    if previous_rows is None:
         return np.arange(num_replicas)
-    weight = np.zeros((num_replicas, num_replicas))  # old replicas beyond the new count are gone
-    totals: dict[str, float] = {}
-    for pieces in bins.pieces:
-        for adapter_id, amount in pieces.items():
-            totals[adapter_id] = totals.get(adapter_id, 0.0) + amount
-    for v, pieces in enumerate(bins.pieces):
-        for adapter_id, amount in pieces.items():
-            old = previous.entries.get(adapter_id)
-            if old is None:
-                continue
-            total = totals[adapter_id]
-            for physical, p_old in old:
-                if physical < num_replicas:
-                    weight[v, physical] += total * min(amount / total, p_old)
+    columns, rows = previous_rows
+    which, k = expand_rows(columns.offsets, rows[adapter])
+    physical = columns.replicas[k]
+    keep = physical < num_replicas   # old replicas beyond the new count are gone
+    which, physical, p_old = which[keep], physical[keep], columns.probabilities[k][keep]
+    weight = np.zeros((num_replicas, num_replicas))
+    np.add.at(weight, (v[which], physical), total[which] * np.minimum(amount[which] / total[which], p_old))
     return max_weight_assignment(_strongest_edges(weight, PERMUTATION_EDGES))
 
 
