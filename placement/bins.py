@@ -55,7 +55,7 @@ class Bins:
     """
 
     def __init__(self, num: int, points: OperatingPoints, max_bytes: int, fill: float,
-                 position: dict[str, int] | None = None) -> None:
+                 position: dict[str, int] | None = None, num_items: int = 0) -> None:
         self.points, self.max_bytes, self.fill = points, max_bytes, fill
         self.load = np.zeros(num)
         self.mem = np.zeros(num, dtype=np.int64)
@@ -63,12 +63,13 @@ class Bins:
         self.distinct = np.zeros(num)  # D: estimated distinct adapters per step
         self.pieces: list[dict[str, float]] = [{} for _ in range(num)]
         self.where: dict[str, set[int]] = {}  # adapter -> replicas holding a piece of it
-        # Adapters put whole by put_many and not touched since, by position in the solver's input (`position`):
+        # Adapters put whole by put_many and not touched since, by position k < num_items in the solver's input:
         # replica (-1: none) and tokens/s, outside `pieces` and `where` (a dict entry per adapter for most of a
         # large fleet was most of the cold spread's time); a one-at-a-time access first moves one in (_settle).
-        self.position = position or {}
-        self.home = np.full(len(self.position), -1, dtype=np.int64)
-        self.home_amount = np.zeros(len(self.position))
+        # `position` maps the ids of the adapters handed to the one-at-a-time paths to their k (Items.tuples).
+        self.position = {} if position is None else position
+        self.home = np.full(num_items, -1, dtype=np.int64)
+        self.home_amount = np.zeros(num_items)
         top = max(points.points)
         self.cap_of_class = np.full(top + 1, np.inf)  # class 0 (empty replica) has no limit yet
         self.curves: dict[int, tuple[np.ndarray, np.ndarray]] = {}

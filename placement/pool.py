@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -15,20 +15,24 @@ Piece = tuple[AdapterLoad, float, int]  # (adapter, tokens/s of this piece, its 
 @dataclass(frozen=True, slots=True)
 class Items:
     """The solver's input as arrays, indexed by position k in `adapters`; `items[adapter_id]` is its bytes (the
-    size mapping of the one-at-a-time paths)."""
+    size mapping of the one-at-a-time paths, for the adapters that tuples() handed to them)."""
 
     adapters: Sequence[AdapterLoad]
-    position: dict[str, int]  # adapter_id -> k
     demand: np.ndarray  # [N] float64 tokens/s
     nbytes: np.ndarray  # [N] int64 adapter bytes
+    # adapter_id -> k of the adapters tuples() made pieces of: a dict of every adapter costs ~0.3 s at 1M
+    position: dict[str, int] = field(default_factory=dict)
 
     def __getitem__(self, adapter_id: str) -> int:
         return int(self.nbytes[self.position[adapter_id]])
 
     def tuples(self, pool: Pool) -> list[Piece]:
-        adapters = self.adapters
-        return [(adapters[k], x, c)
-                for k, x, c in zip(pool.adapter.tolist(), pool.amount.tolist(), pool.cls.tolist(), strict=True)]
+        """The pieces in the one-at-a-time form (few: the hot adapters, leftovers, retries)."""
+        adapters, position = self.adapters, self.position
+        out = [(adapters[k], x, c)
+               for k, x, c in zip(pool.adapter.tolist(), pool.amount.tolist(), pool.cls.tolist(), strict=True)]
+        position.update(zip([item.adapter_id for item, _, _ in out], pool.adapter.tolist(), strict=True))
+        return out
 
 
 @dataclass(frozen=True, slots=True)

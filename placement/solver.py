@@ -11,13 +11,14 @@ same class, higher classes, then anywhere, never above an operating point unless
 from __future__ import annotations
 
 import hashlib
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from lorafleet.infra.errors import InvalidPlacement, PlacementInfeasible
-from lorafleet.placement.assignment import class_assignment, max_weight_assignment
+from lorafleet.placement.assignment import class_assignment, sparse_max_weight_assignment
 from lorafleet.placement.bins import EPS, AdapterLoad, Bins
 from lorafleet.placement.budgets import MEMORY_FILL, class_budgets
 from lorafleet.placement.operating_points import OperatingPoints
@@ -83,8 +84,9 @@ def solve(
     max_bytes = int(max_adapter_bytes or points.max_adapter_bytes)
     adapters = adapters if isinstance(adapters, list | tuple) else list(adapters)
     ids = [a.adapter_id for a in adapters]
-    position = dict(zip(ids, range(len(ids)), strict=True))
-    if len(position) != len(ids):
+    by_id = sorted(range(len(ids)), key=ids.__getitem__)   # the table's order; linear when the input is sorted
+    sorted_ids = [ids[k] for k in by_id]
+    if any(map(operator.eq, sorted_ids[1:], sorted_ids[:-1])):
         raise InvalidPlacement("adapters: the same adapter_id appears twice")
     demand = np.fromiter((a.tokens_per_s for a in adapters), dtype=np.float64, count=len(adapters))
     with_demand = np.flatnonzero(demand > 0)   # input positions
@@ -103,7 +105,7 @@ def solve(
             f"adapter '{ids[k]}' needs {nbytes[k]} bytes, above the {max_bytes} bytes of adapter memory of every "
             "replica"
         )
-    items = Items(adapters, position, demand, nbytes)
+    items = Items(adapters, demand, nbytes)
     # Step 1 input order: demand descending, ties broken by a seeded hash (deterministic per seed).
     order = _sort_by_demand(with_demand, demand, ids, seed)
     order_cls = np.empty(len(adapters), dtype=np.int64)
@@ -122,7 +124,7 @@ def solve(
                                      min_fill)
     target = sum(d / points.points[c] for c, d in class_demand.items()) / num_replicas
     fill = max(balanced, min_fill)
-    bins = Bins(num_replicas, points, max_bytes, fill, position)
+    bins = Bins(num_replicas, points, max_bytes, fill, items.position, len(adapters))
 
     # Step 3: classes from the lowest rank up, each onto its replicas at the level `fill`; what exceeds the class's
     # memory (its coldest adapters) or room (pieces of its hottest) rides on the next class up. With a previous
@@ -165,14 +167,17 @@ def solve(
 
     # Step 5: physical replica for each virtual one, keeping the most traffic where it was.
     piece_pos, piece_v, piece_amount = bins.placed()
-    by_id = sorted(with_demand.tolist(), key=ids.__getitem__)
+    by_id = np.fromiter(by_id, dtype=np.int64, count=len(by_id))
+    in_table = demand[by_id] > 0
+    table_ids = [x for x, keep in zip(sorted_ids, in_table.tolist(), strict=True) if keep]
+    by_id = by_id[in_table]
     row_of = np.full(len(adapters), -1, dtype=np.int64)
     row_of[by_id] = np.arange(len(by_id))
     piece_row = row_of[piece_pos]
     piece_total = _adapter_totals(piece_row, piece_v, piece_amount)
     perm = _permutation(piece_v, piece_amount, piece_total, piece_pos, previous_rows, num_replicas)
     # Step 6: the table, as arrays (rows by adapter id, replicas ascending within a row).
-    columns = _columns([ids[k] for k in by_id], piece_row, perm[piece_v], piece_amount, piece_total)
+    columns = _columns(table_ids, piece_row, perm[piece_v], piece_amount, piece_total)
     inverse = np.empty(num_replicas, dtype=np.int64)
     inverse[perm] = np.arange(num_replicas)
     util = bins.utilization()
@@ -291,9 +296,12 @@ def _permutation(v, amount, total, adapter, previous_rows, num_replicas) -> np.n
     physical = columns.replicas[k]
     keep = physical < num_replicas   # old replicas beyond the new count are gone
     which, physical, p_old = which[keep], physical[keep], columns.probabilities[k][keep]
-    weight = np.zeros((num_replicas, num_replicas))
-    np.add.at(weight, (v[which], physical), total[which] * np.minimum(amount[which] / total[which], p_old))
-    return max_weight_assignment(_strongest_edges(weight, PERMUTATION_EDGES))
+    # weight[v, physical] as edges, each the sum of its pieces' terms in piece order (bincount adds sequentially)
+    edge, inverse = np.unique(v[which] * num_replicas + physical, return_inverse=True)
+    weight = np.bincount(inverse, weights=total[which] * np.minimum(amount[which] / total[which], p_old))
+    rows, cols, weight = _strongest_sparse_edges(edge // num_replicas, edge % num_replicas, weight, num_replicas,
+                                                 PERMUTATION_EDGES)
+    return sparse_max_weight_assignment(num_replicas, num_replicas, rows, cols, weight)
 
 
 PERMUTATION_EDGES = 64   # step 5 keeps each virtual replica's heaviest edges (and its own index) for the assignment
@@ -314,3 +322,26 @@ def _strongest_edges(weight: np.ndarray, k: int) -> np.ndarray:
     diagonal = np.arange(min(n_rows, n_cols))
     pruned[diagonal, diagonal] = weight[diagonal, diagonal]
     return pruned
+
+
+def _strongest_sparse_edges(rows: np.ndarray, cols: np.ndarray, weight: np.ndarray, num_cols: int,
+                            k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The positive edges of _strongest_edges(dense, k), for the dense matrix [*, num_cols] that these edges (sorted
+    by row, then column) make: (rows, cols, weight). Only rows with more than k edges lose any; those are pruned on
+    their dense row, as _strongest_edges does (the same argpartition, so the same edges on ties)."""
+    positive = weight > 0
+    rows, cols, weight = rows[positive], cols[positive], weight[positive]
+    if num_cols <= k + 1 or not len(rows):
+        return rows, cols, weight
+    starts = np.searchsorted(rows, np.arange(int(rows[-1]) + 2))
+    keep = np.ones(len(rows), dtype=bool)
+    for r in np.flatnonzero(np.diff(starts) > k).tolist():
+        lo, hi = int(starts[r]), int(starts[r + 1])
+        dense = np.zeros(num_cols)
+        dense[cols[lo:hi]] = weight[lo:hi]
+        kept = np.zeros(num_cols, dtype=bool)
+        kept[np.argpartition(dense, num_cols - k)[num_cols - k:]] = True
+        if r < num_cols:
+            kept[r] = True   # the diagonal
+        keep[lo:hi] = kept[cols[lo:hi]]
+    return rows[keep], cols[keep], weight[keep]

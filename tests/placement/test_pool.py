@@ -152,8 +152,8 @@ def test_put_many_then_one_at_a_time_matches_put(seed, num):
     rng = np.random.default_rng(seed)
     adapters = [AdapterLoad(f"a{i}", 8, float(rng.exponential(50.0))) for i in range(num)]
     position = {a.adapter_id: k for k, a in enumerate(adapters)}
-    bulk = Bins(4, points, 64 << 20, 0.7, position)
-    ref = Bins(4, points, 64 << 20, 0.7, position)
+    bulk = Bins(4, points, 64 << 20, 0.7, position, num)
+    ref = Bins(4, points, 64 << 20, 0.7, position, num)
     v = rng.integers(0, 4, num)
     nbytes = np.full(num, 1 << 20, dtype=np.int64)
     amount = np.array([a.tokens_per_s for a in adapters])
@@ -180,8 +180,12 @@ def test_put_many_then_one_at_a_time_matches_put(seed, num):
 
 def test_items_map_ids_to_bytes_and_pools_to_pieces():
     adapters = [AdapterLoad("x", 8, 1.0), AdapterLoad("y", 16, 2.0)]
-    items = Items(adapters, {"x": 0, "y": 1}, np.array([1.0, 2.0]), np.array([10, 20], dtype=np.int64))
-    assert items["y"] == 20
+    items = Items(adapters, np.array([1.0, 2.0]), np.array([10, 20], dtype=np.int64))
+    pool = Pool(np.array([1]), np.array([0.5]), np.array([16]))
+    assert items.tuples(pool) == [(adapters[1], 0.5, 16)]
+    assert items["y"] == 20 and items.position == {"y": 1}   # only the adapters handed out as tuples
+    with pytest.raises(KeyError):
+        items["x"]
     pool = Pool(np.array([1, 0]), np.array([0.5, 1.0]), np.array([16, 8]))
     assert items.tuples(pool) == [(adapters[1], 0.5, 16), (adapters[0], 1.0, 8)]
     assert _as_list(pool + Pool.empty()) == _as_list(pool)

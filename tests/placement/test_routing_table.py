@@ -106,3 +106,37 @@ def test_diff_without_previous_table_moves_everything():
     new = _table({"a": ((0, 1.0),)})
     change = diff(None, new)
     assert change.old_version is None and change.churn == 1.0 and change.added == ("a",)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.dictionaries(st.from_regex(r"[a-z0-9]{1,8}", fullmatch=True), entry_st, max_size=20),
+       st.sampled_from(["", "zz-missing", "a"]))
+def test_a_table_from_columns_reads_as_its_dict(entries, probe):
+    """RoutingTable.from_columns keeps its entries in its columns (ColumnEntries); every read (lookup, membership,
+    iteration, items, ==, JSON, pickle, sample) sees what a table of the same dict sees, before and after a bulk
+    read built the dict."""
+    import pickle
+
+    from lorafleet.placement.routing_table import ColumnEntries
+
+    entries = dict(sorted(entries.items()))
+    plain = _table(entries)
+    for bulk_first in (False, True):
+        table = RoutingTable.from_columns(4, plain.columns(), version=1, created_at=plain.created_at)
+        assert isinstance(table.entries, ColumnEntries)
+        if bulk_first:
+            assert dict(table.entries.items()) == entries
+        assert len(table) == len(entries) and list(table.entries) == list(entries)
+        assert (probe in table) == (probe in entries)
+        assert table.entries.get(probe, ()) == entries.get(probe, ())
+        assert table.entries.get(3) is None and 3 not in table.entries
+        for adapter_id, entry in entries.items():
+            assert table.entries[adapter_id] == entry and table.probabilities(adapter_id) == dict(entry)
+            assert table.sample(adapter_id, random.Random(0)) == plain.sample(adapter_id, random.Random(0))
+        if probe not in entries:
+            with pytest.raises(KeyError):
+                table.entries[probe]
+        assert table.entries == entries and entries == table.entries and table.entries == plain.entries
+        assert table.to_json() == plain.to_json()
+        assert pickle.loads(pickle.dumps(table)).entries == entries
+        assert table.with_version(2).entries == entries

@@ -353,3 +353,23 @@ def test_the_pruned_permutation_is_never_worse_than_staying_put(seed, n, k, dens
     assert np.trace(weight) - 1e-9 <= kept <= exact + 1e-9
     if k + 1 >= n:
         assert kept == pytest.approx(exact)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31), n=st.integers(1, 30), k=st.integers(1, 8), density=st.floats(0.05, 1.0),
+       ties=st.booleans())
+def test_sparse_pruning_keeps_the_dense_prunings_edges(seed, n, k, density, ties):
+    """Step 5 prunes its edge list (solver._strongest_sparse_edges) as _strongest_edges prunes the dense matrix,
+    ties included."""
+    from lorafleet.placement.solver import _strongest_edges, _strongest_sparse_edges
+
+    rng = np.random.default_rng(seed)
+    weight = rng.exponential(1.0, (n, n)) * (rng.random((n, n)) < density)
+    if ties:
+        weight = np.ceil(weight * 2) / 2
+    rows, cols = np.nonzero(weight > 0)
+    got_rows, got_cols, got = _strongest_sparse_edges(rows, cols, weight[rows, cols], n, k)
+    pruned = _strongest_edges(weight, k)
+    want_rows, want_cols = np.nonzero(pruned > 0)
+    assert got_rows.tolist() == want_rows.tolist() and got_cols.tolist() == want_cols.tolist()
+    assert got.tolist() == pruned[want_rows, want_cols].tolist()
