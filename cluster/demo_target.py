@@ -98,12 +98,15 @@ def local_demo(root: Path, policy: str = "rank-aware", num_adapters: int = 20, *
 
 # The live vLLM benchmark's fleet (RESULTS.md "vLLM replicas (live, Locust)"): LoRA adapters on every linear module
 # (PEFT's "all-linear") of the `small` preset cut to 2 layers; with uniform popularity 10 of 12 adapters, 83 % of the
-# traffic, have rank <= 16. Replica 0 runs class 16 (ranks 8 and 16), replica 1 class 64 (every adapter; it shares
-# ranks 8-16).
+# traffic, have rank <= 16. Rank classes: replica 0 runs class 16 (ranks 8 and 16), replica 1 class 64 (ranks 32 and
+# 64, and a small share of the low ranks). VLLM_FLEET_SHARE is the low ranks' weight on replica 0, from what a request
+# costs each (benchmarks/vllm_fleet_costs.py, RESULTS.md): a rank <= 16 request takes ~4.5x the CPU time at
+# max_lora_rank 64 as at 16, so balancing the two replicas' loads leaves ~2 % of the low ranks' traffic to replica 1
+# (0.8, the share before that was measured, sent 20 % there and made replica 1 the fleet's bottleneck).
 VLLM_FLEET_RANKS = (8, 8, 8, 8, 8, 8, 8, 16, 16, 16, 32, 64)
 VLLM_FLEET_MODULES = ALL_LINEAR
 VLLM_FLEET_CLASSES = (16, 64)
-VLLM_FLEET_SHARE = 0.8         # a low-rank adapter's weight on replica 0; P2C by queue length moves the rest
+VLLM_FLEET_SHARE = 0.975
 
 
 VLLM_FLEET_LAYERS = 2   # of the `small` preset's 14: its layer shapes at 1/7 of the time per step (2 shared cores)
@@ -149,6 +152,15 @@ def rank_class_table(adapter_ranks: dict[str, int]):
     return RoutingTable(2, entries, meta={"replica_max_rank": list(VLLM_FLEET_CLASSES)})
 
 
+def uniform_table(adapter_ranks: dict[str, int], max_lora_rank: int):
+    """The plain vLLM fleet's table (every replica at one max_lora_rank, so nothing to separate): every adapter on
+    both replicas at equal weight, the router's two-choice draw balancing their queues."""
+    from lorafleet.placement.routing_table import RoutingTable
+
+    entries = {a: ((0, 0.5), (1, 0.5)) for a in adapter_ranks}
+    return RoutingTable(2, entries, meta={"replica_max_rank": [max_lora_rank, max_lora_rank]})
+
+
 @contextmanager
 def vllm_fleet(root: Path, policy: str = "rank-aware", num_adapters: int = len(VLLM_FLEET_RANKS), *,
                max_lora_rank: int | None = None, port: int | None = None, redis_url: str | None = None,
@@ -156,7 +168,7 @@ def vllm_fleet(root: Path, policy: str = "rank-aware", num_adapters: int = len(V
     """Two vLLM replicas (1 CPU, 1 OpenMP thread each) of the 2-layer `small` model behind the router, on 127.0.0.1
     under a fresh Redis key prefix; yield the base URL. The rank-class table is published before the replicas start, so
     each starts at its class (max_lora_rank 16 and 64); `max_lora_rank` instead runs every replica at that one value
-    (a plain vLLM fleet) under the same table. Rebalancing is off (1-hour period): both runs route alike."""
+    (a plain vLLM fleet) under uniform_table. Rebalancing is off (1-hour period): each table stays as published."""
     import httpx
     import redis as redis_lib
 
@@ -184,7 +196,8 @@ def vllm_fleet(root: Path, policy: str = "rank-aware", num_adapters: int = len(V
         for adapter_id, path in adapters.items():
             store.push(adapter_id, path, owner="loadtest", if_changed=True)
         ranks = {a: int(a.rsplit("-r", 1)[1]) for a in adapters}
-        RoutingTableStore(redis_lib.Redis.from_url(base.redis_url), prefix).publish(rank_class_table(ranks))
+        table = rank_class_table(ranks) if max_lora_rank is None else uniform_table(ranks, max_lora_rank)
+        RoutingTableStore(redis_lib.Redis.from_url(base.redis_url), prefix).publish(table)
         with serve_app(settings, num_cpus=2, wait_s=600.0) as url:
             with httpx.Client(timeout=300) as client:   # vLLM's first steps and each adapter's first load
                 for i, adapter_id in enumerate([None, *adapters][:max(warmup_requests, len(adapters) + 1)]):

@@ -107,7 +107,7 @@ def test_placement_never_puts_flora_or_ia3_on_vllm_replicas(engine, tmp_path, ti
 def test_the_live_benchmarks_table_starts_its_replicas_at_classes_16_and_64(redis_prefix):
     """cluster/demo_target.vllm_fleet publishes this table before its replicas start: rank <= 16 adapters on both
     replicas (mostly the class-16 one), the others on the class-64 one only; each replica reads its class from it."""
-    from lorafleet.cluster.demo_target import VLLM_FLEET_RANKS, rank_class_table
+    from lorafleet.cluster.demo_target import VLLM_FLEET_RANKS, VLLM_FLEET_SHARE, rank_class_table, uniform_table
 
     client, prefix = redis_prefix
     ranks = {f"a{i}-r{r}": r for i, r in enumerate(VLLM_FLEET_RANKS)}
@@ -115,7 +115,12 @@ def test_the_live_benchmarks_table_starts_its_replicas_at_classes_16_and_64(redi
     table = rank_class_table(ranks)
     for adapter_id, rank in ranks.items():
         replicas = dict(table.entries[adapter_id])
-        assert replicas == ({0: 0.8, 1: 0.2} if rank <= 16 else {1: 1.0}), adapter_id
+        assert replicas == ({0: VLLM_FLEET_SHARE, 1: round(1 - VLLM_FLEET_SHARE, 6)} if rank <= 16 else {1: 1.0}), \
+            adapter_id
+    assert 0.9 < VLLM_FLEET_SHARE < 1   # most low-rank traffic on the class-16 replica (vllm_fleet_costs.py)
+    plain = uniform_table(ranks, 64)
+    assert all(dict(plain.entries[a]) == {0: 0.5, 1: 0.5} for a in ranks)
+    assert plain.meta["replica_max_rank"] == [64, 64]
     RoutingTableStore(client, prefix).publish(table)
     classes = RankClass(client, prefix, max_rank=64)
     assert [classes.wanted(0), classes.wanted(1)] == [16, 64]
