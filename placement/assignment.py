@@ -4,6 +4,7 @@ to rank classes with a budget per class (successive shortest paths over the clas
 from __future__ import annotations
 
 import heapq
+import math
 
 import numpy as np
 
@@ -38,53 +39,62 @@ def sparse_max_weight_assignment(num_rows: int, num_cols: int, rows: np.ndarray,
     costs = -np.asarray(weights, dtype=np.float64)[order]
     starts = np.searchsorted(rows, np.arange(num_rows + 1)).tolist()
     adj_cols, adj_costs = cols.tolist(), costs.tolist()
-    # potentials: u (rows), v (columns; column num_cols + i is row i's private column, cost 0)
+    # potentials: u (rows), v (columns; column num_cols + i is row i's private column, cost 0). Lists indexed by
+    # column rather than dicts, and dist / settled reset after each search: the same arithmetic, ~2x faster.
     u = [min(0.0, adj_costs[starts[i]]) if starts[i] < starts[i + 1] else 0.0 for i in range(num_rows)]
-    v: dict[int, float] = {}
-    row_of_col: dict[int, int] = {}
+    size = num_cols + num_rows
+    v = [0.0] * size
+    dist = [math.inf] * size
+    settled = [False] * size
+    row_of_col = [-1] * size
     col_of_row = [-1] * num_rows
+    heappush, heappop = heapq.heappush, heapq.heappop
     for s in range(num_rows):
         if starts[s] == starts[s + 1]:
             continue  # no positive edge: it takes a free column at the end
-        dist: dict[int, float] = {}
         via: dict[int, int] = {}  # column -> row it was reached from
         done_rows = {s: 0.0}
         done_cols: dict[int, float] = {}  # settled column -> its distance
         heap: list[tuple[float, int]] = []
 
         def relax(i: int, base: float) -> None:
-            for k in range(starts[i], starts[i + 1]):
-                j = adj_cols[k]
-                if j in done_cols:  # settled: float noise must not re-open it (a cycle in `via` never ends)
+            ui = u[i]
+            lo, hi = starts[i], starts[i + 1]
+            for j, cost in zip(adj_cols[lo:hi], adj_costs[lo:hi]):
+                if settled[j]:  # settled: float noise must not re-open it (a cycle in `via` never ends)
                     continue
-                d = base + adj_costs[k] - u[i] - v.get(j, 0.0)
-                if d < dist.get(j, np.inf):
+                d = base + cost - ui - v[j]
+                if d < dist[j]:
                     dist[j], via[j] = d, i
-                    heapq.heappush(heap, (d, j))
+                    heappush(heap, (d, j))
             j = num_cols + i  # the row's private column
-            if j in done_cols:
+            if settled[j]:
                 return
-            d = base - u[i] - v.get(j, 0.0)
-            if d < dist.get(j, np.inf):
+            d = base - ui - v[j]
+            if d < dist[j]:
                 dist[j], via[j] = d, i
-                heapq.heappush(heap, (d, j))
+                heappush(heap, (d, j))
 
         relax(s, 0.0)
         while True:
-            d, j = heapq.heappop(heap)
-            if d > dist[j] or j in done_cols:
+            d, j = heappop(heap)
+            if d > dist[j] or settled[j]:
                 continue
             done_cols[j] = d
-            i = row_of_col.get(j)
-            if i is None:
+            settled[j] = True
+            i = row_of_col[j]
+            if i < 0:
                 break
             done_rows[i] = d
             relax(i, d)
         # potentials of the nodes settled before the free column j (reduced costs stay >= 0, the path tight)
         for c, dc in done_cols.items():
-            v[c] = v.get(c, 0.0) - (d - dc)
+            v[c] -= d - dc
+            settled[c] = False
         for i, di in done_rows.items():
             u[i] += d - di
+        for c in via:
+            dist[c] = math.inf
         while True:  # flip the path back to s
             i = via[j]
             prev = col_of_row[i]

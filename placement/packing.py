@@ -272,7 +272,23 @@ def spill(bins, item, amount, cls, nbytes, min_share) -> float:
     levels = [*np.arange(bins.fill, top, LEVEL_STEP).tolist(), top]
     phases = [((bins.cls == cls) | (bins.cls == 0)) & mem_ok, (bins.cls > cls) & mem_ok, mem_ok]
     cap = None
-    for level in levels:
+    if remaining <= tol:
+        return 0.0
+    li = 0
+    while li < len(levels):
+        if cap is None:
+            new_cls = np.maximum(bins.cls, cls)
+            cap = bins.capacity(new_cls)
+        # skip the levels at which no replica of any phase has room (their loops below would place nothing): the same
+        # room, level x cap - load, for every level left at once
+        room = np.asarray(levels[li:])[:, None] * cap - bins.load
+        threshold = min(min_piece, remaining) - tol
+        has_room = ((room > tol) & (room >= threshold) & mem_ok).any(axis=1)
+        if not has_room.any():
+            break
+        li += int(np.argmax(has_room))
+        level = levels[li]
+        li += 1
         for phase in phases:
             in_phase = phase.copy()  # replicas skipped below (own crowding) are tried again at the next level
             while remaining > tol:

@@ -102,3 +102,19 @@ def carve(pool: Pool, excess: float, demand: np.ndarray) -> tuple[Pool, Pool]:
                     ordered.cls[index])
 
     return pieces(kept, np.arange(i, len(amounts))).hottest_first(), pieces(carved, np.zeros(0, dtype=np.int64))
+
+
+class PreviousEntries:
+    """The previous table's entries of the adapters that Items.tuples handed to the one-at-a-time paths, read from
+    its columns by input position (`rows`: each position's row there, -1: none): no id -> row dict of the whole
+    previous table. get() as Mapping.get."""
+
+    __slots__ = ("position", "columns", "rows")
+
+    def __init__(self, position: dict[str, int], columns, rows: np.ndarray) -> None:
+        self.position, self.columns, self.rows = position, columns, rows
+
+    def get(self, adapter_id: str, default=None):
+        k = self.position.get(adapter_id)
+        row = -1 if k is None else int(self.rows[k])
+        return self.columns.entry(row) if row >= 0 else default
