@@ -111,6 +111,9 @@ def _previous_replica(previous_rows, adapters: np.ndarray, is_member: np.ndarray
     keep = replica < len(is_member)
     keep[keep] = is_member[replica[keep]]
     which, replica, probability = which[keep], replica[keep], columns.probabilities[k][keep]
+    alone = np.bincount(which, minlength=len(adapters))[which] == 1   # most adapters: one previous replica
+    target[which[alone]] = replica[alone]
+    which, replica, probability = which[~alone], replica[~alone], probability[~alone]
     order = np.lexsort((replica, -probability, which))
     which, replica = which[order], replica[order]
     is_first = np.r_[True, which[1:] != which[:-1]] if len(which) else np.zeros(0, dtype=bool)
@@ -271,14 +274,12 @@ def spill(bins, item, amount, cls, nbytes, min_share) -> float:
     top = max(1.0, bins.fill)
     levels = [*np.arange(bins.fill, top, LEVEL_STEP).tolist(), top]
     phases = [((bins.cls == cls) | (bins.cls == 0)) & mem_ok, (bins.cls > cls) & mem_ok, mem_ok]
-    cap = None
     if remaining <= tol:
         return 0.0
+    new_cls = np.maximum(bins.cls, cls)
+    cap = bins.capacity(new_cls)   # kept up to date after each put, not recomputed per level and phase
     li = 0
     while li < len(levels):
-        if cap is None:
-            new_cls = np.maximum(bins.cls, cls)
-            cap = bins.capacity(new_cls)
         # skip the levels at which no replica of any phase has room (their loops below would place nothing): the same
         # room, level x cap - load, for every level left at once
         room = np.asarray(levels[li:])[:, None] * cap - bins.load
@@ -292,9 +293,6 @@ def spill(bins, item, amount, cls, nbytes, min_share) -> float:
         for phase in phases:
             in_phase = phase.copy()  # replicas skipped below (own crowding) are tried again at the next level
             while remaining > tol:
-                if cap is None:   # the capacities change only with a put: not recomputed per level and phase
-                    new_cls = np.maximum(bins.cls, cls)
-                    cap = bins.capacity(new_cls)
                 room = level * cap - bins.load
                 ok = in_phase & (room > tol) & (room >= min(min_piece, remaining) - tol)
                 if not ok.any():
@@ -309,7 +307,8 @@ def spill(bins, item, amount, cls, nbytes, min_share) -> float:
                 if remaining - put >= remaining:  # a piece below float resolution: take it all (terminates)
                     put = remaining
                 bins.put(v, item, nbytes, put, cls)
-                cap = None
+                new_cls[v] = max(int(bins.cls[v]), cls)   # only v's capacity changed: the same formula on it alone
+                cap[v] = bins.capacity(new_cls[v:v + 1], bins.distinct[v:v + 1])[0]
                 remaining -= put
             if remaining <= tol:
                 return 0.0

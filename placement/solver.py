@@ -83,20 +83,21 @@ def solve(
         raise InvalidPlacement(f"num_replicas must be an integer >= 1, got {num_replicas!r}")
     max_bytes = int(max_adapter_bytes or points.max_adapter_bytes)
     adapters = adapters if isinstance(adapters, list | tuple) else list(adapters)
-    ids = [a.adapter_id for a in adapters]
+    ids = list(map(operator.attrgetter("adapter_id"), adapters))
     by_id = sorted(range(len(ids)), key=ids.__getitem__)   # the table's order; linear when the input is sorted
     sorted_ids = [ids[k] for k in by_id]
     if any(map(operator.eq, sorted_ids[1:], sorted_ids[:-1])):
         raise InvalidPlacement("adapters: the same adapter_id appears twice")
-    demand = np.fromiter((a.tokens_per_s for a in adapters), dtype=np.float64, count=len(adapters))
+    demand = np.fromiter(map(operator.attrgetter("tokens_per_s"), adapters), dtype=np.float64, count=len(adapters))
     with_demand = np.flatnonzero(demand > 0)   # input positions
-    ranks = np.fromiter((a.rank for a in adapters), dtype=np.int64, count=len(adapters))[with_demand]
+    ranks = np.fromiter(map(operator.attrgetter("rank"), adapters), dtype=np.int64, count=len(adapters))[with_demand]
     unique_ranks = np.unique(ranks).tolist()
     class_of = np.array([points.rank_class(r) for r in unique_ranks], dtype=np.int64)[np.searchsorted(unique_ranks,
                                                                                                       ranks)]
     default_bytes = np.array([points.adapter_bytes(r) for r in unique_ranks], dtype=np.int64)
     nbytes = np.zeros(len(adapters), dtype=np.int64)
-    given = np.fromiter((a.size_bytes for a in adapters), dtype=np.int64, count=len(adapters))[with_demand]
+    given = np.fromiter(map(operator.attrgetter("size_bytes"), adapters), dtype=np.int64,
+                        count=len(adapters))[with_demand]
     nbytes[with_demand] = np.where(given > 0, given, default_bytes[np.searchsorted(unique_ranks, ranks)])
     too_big = with_demand[nbytes[with_demand] > max_bytes]
     if len(too_big):
@@ -131,7 +132,8 @@ def solve(
     # table, classes keep the replicas that served them and adapters stay put where room allows.
     by_id = np.fromiter(by_id, dtype=np.int64, count=len(by_id))
     in_table = demand[by_id] > 0
-    table_ids = [x for x, keep in zip(sorted_ids, in_table.tolist(), strict=True) if keep]
+    table_ids = sorted_ids if in_table.all() else [x for x, keep in zip(sorted_ids, in_table.tolist(), strict=True)
+                                                   if keep]
     by_id = by_id[in_table]   # input positions of the table's rows
     previous_rows = None   # (the previous table's columns, each input position's row there or -1)
     old_entries = {}
@@ -253,8 +255,8 @@ def _class_members(budget, by_class, demand, previous_rows, num_replicas) -> dic
     physical = columns.replicas[k]
     keep = physical < num_replicas
     which, physical, p_old = which[keep], physical[keep], columns.probabilities[k][keep]
-    score = np.zeros((len(classes), num_replicas))
-    np.add.at(score, (row_of_class[which], physical), demand[group][which] * p_old)
+    score = np.bincount(row_of_class[which] * num_replicas + physical, weights=demand[group][which] * p_old,
+                        minlength=len(classes) * num_replicas).reshape(len(classes), num_replicas)
     # the spare replicas (beyond the budgets) form one more class that scores 0 everywhere
     spare = num_replicas - sum(budget[c] for c in classes)
     owner = class_assignment(np.vstack([score, np.zeros((1, num_replicas))]),

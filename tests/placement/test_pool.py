@@ -190,3 +190,15 @@ def test_items_map_ids_to_bytes_and_pools_to_pieces():
     assert items.tuples(pool) == [(adapters[1], 0.5, 16), (adapters[0], 1.0, 8)]
     assert _as_list(pool + Pool.empty()) == _as_list(pool)
     assert copy.copy(pool).take(np.array([1])).adapter.tolist() == [0]
+
+
+def test_previous_entries_read_the_previous_table_by_input_position():
+    from lorafleet.placement.pool import PreviousEntries
+
+    table = RoutingTable(4, {"a": ((0, 0.25), (3, 0.75)), "b": ((2, 1.0),)})
+    columns = table.columns()
+    position = {"a": 1, "b": 0, "c": 2}   # input positions of the adapters handed out (Items.tuples)
+    rows = columns.rows_of(["b", "a", "c"])
+    previous = PreviousEntries(position, columns, rows)
+    assert previous.get("a", ()) == table.entries["a"] and previous.get("b") == table.entries["b"]
+    assert previous.get("c", ()) == () and previous.get("never-handed-out") is None
