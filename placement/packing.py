@@ -47,8 +47,10 @@ def _spread_rounds(bins, pool: Pool, members, cls, level, items: Items, previous
     is_member = np.zeros(len(bins.load), dtype=bool)
     is_member[members_arr] = True
     # an adapter already holding a piece somewhere (or twice here): the exact pass merges it
-    first = np.zeros(len(pool), dtype=bool)
-    first[np.unique(pool.adapter, return_index=True)[1]] = True
+    twice = np.bincount(pool.adapter)[pool.adapter] > 1 if len(pool) else np.zeros(0, dtype=bool)
+    first = ~twice   # each adapter's first piece here (np.unique only over the few that repeat)
+    repeated = np.flatnonzero(twice)
+    first[repeated[np.unique(pool.adapter[repeated], return_index=True)[1]]] = True
     is_fresh = first & ~bins.is_placed(pool.adapter)
     rest, fresh = pool.take(np.flatnonzero(~is_fresh)), pool.take(np.flatnonzero(is_fresh))
     if not len(fresh):

@@ -91,9 +91,10 @@ def solve(
     demand = np.fromiter(map(operator.attrgetter("tokens_per_s"), adapters), dtype=np.float64, count=len(adapters))
     with_demand = np.flatnonzero(demand > 0)   # input positions
     ranks = np.fromiter(map(operator.attrgetter("rank"), adapters), dtype=np.int64, count=len(adapters))[with_demand]
-    unique_ranks = np.unique(ranks).tolist()
-    class_of = np.array([points.rank_class(r) for r in unique_ranks], dtype=np.int64)[np.searchsorted(unique_ranks,
-                                                                                                      ranks)]
+    is_small = len(ranks) and ranks.max() < 1 << 16   # few small integers: a count, not np.unique's sort
+    unique_ranks = (np.flatnonzero(np.bincount(ranks)) if is_small else np.unique(ranks)).tolist()
+    rank_classes = [points.rank_class(r) for r in unique_ranks]
+    class_of = np.array(rank_classes, dtype=np.int64)[np.searchsorted(unique_ranks, ranks)]
     default_bytes = np.array([points.adapter_bytes(r) for r in unique_ranks], dtype=np.int64)
     nbytes = np.zeros(len(adapters), dtype=np.int64)
     given = np.fromiter(map(operator.attrgetter("size_bytes"), adapters), dtype=np.int64,
@@ -112,9 +113,9 @@ def solve(
     order_cls = np.empty(len(adapters), dtype=np.int64)
     order_cls[with_demand] = class_of
     order_cls = order_cls[order]
-    classes, first = np.unique(order_cls, return_index=True)
     # input positions, hottest first; the classes in the order of their hottest adapter (the order of the sums below)
-    by_class = {c: order[order_cls == c] for c in classes[np.argsort(first)].tolist()}
+    in_class = {c: order_cls == c for c in sorted(set(rank_classes))}
+    by_class = {c: order[in_class[c]] for c in sorted(in_class, key=lambda c: int(np.argmax(in_class[c])))}
 
     # Step 2: replicas per class (largest remainder, memory floors) and the balanced level u they reach when
     # low ranks may ride on higher-rank replicas; target t = Σ_c D_c/cap_c / R is the rank-isolated ideal.
