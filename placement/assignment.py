@@ -135,18 +135,20 @@ def class_assignment(score: np.ndarray, budget: np.ndarray) -> np.ndarray:
         surplus = count > budget
         if not surplus.any():
             return owner
-        # edge (a, b): cheapest replica of a to hand to b
+        # edge (a, b): cheapest replica of a to hand to b (the first on ties), every class at once: the replicas
+        # grouped by class (ascending within one), per-group minima and first minimal positions by reduceat
         edge_cost = np.full((num_classes, num_classes), np.inf)
         edge_replica = np.full((num_classes, num_classes), -1, dtype=np.int64)
-        for a in range(num_classes):
-            members = np.flatnonzero(owner == a)
-            if not len(members):
-                continue
-            loss = score[a, members][None, :] - score[:, members]  # [K, |a|]
-            best = np.argmin(loss, axis=1)
-            edge_cost[a] = loss[np.arange(num_classes), best]
-            edge_replica[a] = members[best]
-            edge_cost[a, a] = np.inf
+        order = np.argsort(owner, kind="stable")
+        size = np.bincount(owner, minlength=num_classes)
+        held = np.flatnonzero(size)
+        starts = (np.cumsum(size) - size)[held]
+        loss = (score[owner, np.arange(num_replicas)][None, :] - score)[:, order]  # [K, R]: to b, by class
+        cheapest = np.minimum.reduceat(loss, starts, axis=1)  # [K (b), classes held (a)]
+        at = np.where(loss == np.repeat(cheapest, size[held], axis=1), np.arange(num_replicas), num_replicas)
+        edge_cost[held] = cheapest.T
+        edge_replica[held] = order[np.minimum.reduceat(at, starts, axis=1)].T
+        edge_cost[held, held] = np.inf
         dist = np.where(surplus, 0.0, np.inf)
         parent = np.full(num_classes, -1, dtype=np.int64)
         for _ in range(num_classes):

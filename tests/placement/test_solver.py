@@ -373,3 +373,25 @@ def test_sparse_pruning_keeps_the_dense_prunings_edges(seed, n, k, density, ties
     want_rows, want_cols = np.nonzero(pruned > 0)
     assert got_rows.tolist() == want_rows.tolist() and got_cols.tolist() == want_cols.tolist()
     assert got.tolist() == pruned[want_rows, want_cols].tolist()
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31), num_classes=st.integers(1, 3), num_replicas=st.integers(1, 6), ties=st.booleans())
+def test_class_assignment_is_optimal_against_brute_force(seed, num_classes, num_replicas, ties):
+    """Step 3's class members (assignment.class_assignment): exactly budget[k] replicas per class, maximising the
+    kept score, as the best of every assignment."""
+    import itertools
+
+    from lorafleet.placement.assignment import class_assignment
+
+    rng = np.random.default_rng(seed)
+    score = rng.exponential(1.0, (num_classes, num_replicas)) * (rng.random((num_classes, num_replicas)) < 0.7)
+    if ties:
+        score = np.round(score)
+    budget = rng.multinomial(num_replicas, np.ones(num_classes) / num_classes).astype(np.int64)
+    owner = class_assignment(score, budget)
+    assert np.bincount(owner, minlength=num_classes).tolist() == budget.tolist()
+    best = max(sum(score[o[p], p] for p in range(num_replicas))
+               for o in itertools.product(range(num_classes), repeat=num_replicas)
+               if np.bincount(o, minlength=num_classes).tolist() == budget.tolist())
+    assert score[owner, np.arange(num_replicas)].sum() == pytest.approx(best)
