@@ -68,6 +68,10 @@ CPU_TIMES: list[float] = []
 
 def run_placement_bench(spec: PlacementBenchSpec, redis_url: str | None = None) -> dict[str, Any]:
     """Median seconds of each step over `spec.repeats` runs, the placement's quality, the table's size."""
+    # The warm solve's assignment imports SciPy on first use (~0.3 s once per process, which a running placement
+    # controller has long paid): imported here, outside the timing.
+    import scipy.sparse.csgraph  # noqa: F401
+
     from lorafleet.placement import AdapterLoad, RoutingTable, diff, solve
 
     points = OperatingPoints.default()

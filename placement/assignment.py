@@ -1,10 +1,7 @@
-"""Maximum-weight assignments of the solver's step 5: replicas to replicas (sparse Hungarian method) and replicas
-to rank classes with a budget per class (successive shortest paths over the classes). Pure Python + numpy."""
+"""Maximum-weight assignments of the solver's step 5: replicas to replicas (SciPy's sparse LAPJV) and replicas to rank
+classes with a budget per class (successive shortest paths over the classes, Python + numpy)."""
 
 from __future__ import annotations
-
-import heapq
-import math
 
 import numpy as np
 
@@ -24,89 +21,34 @@ def max_weight_assignment(weight: np.ndarray) -> np.ndarray:
 
 def sparse_max_weight_assignment(num_rows: int, num_cols: int, rows: np.ndarray, cols: np.ndarray,
                                  weights: np.ndarray) -> np.ndarray:
-    """perm [num_rows] int64, distinct columns, maximising Σ weight over the listed edges (row, col, weight > 0);
-    every pair not listed weighs 0 (num_rows <= num_cols).
+    """perm [num_rows] int64, distinct columns, maximising Σ weight over the listed edges (row, col, weight > 0;
+    an edge listed twice weighs the sum); every pair not listed weighs 0 (num_rows <= num_cols).
 
-    Successive shortest augmenting paths (Hungarian method, Dijkstra with row/column potentials) on the listed
-    edges plus one private zero-weight column per row, so a row may stay "unmatched"; rows left unmatched then
-    take the free columns, their own index first. Exact: a max-weight matching of the positive edges completed
-    with zero-weight pairs is a max-weight perfect assignment. Rows are augmented hottest edge first.
+    SciPy's sparse LAPJV (`min_weight_full_bipartite_matching`, maximize=True) on the listed edges plus one private
+    column per row, so a row may stay "unmatched"; rows left unmatched then take the free columns, their own index
+    first. Exact: a max-weight matching of the positive edges completed with zero-weight pairs is a max-weight
+    perfect assignment. Every edge, the private columns' included, is shifted by the same positive epsilon (LAPJV
+    takes a stored zero for a missing edge); each row takes exactly one column, so the shift changes no optimum.
     """
+    from scipy.sparse import coo_array
+    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+
     assert num_rows <= num_cols, "need n_rows <= n_cols"
-    rows = np.asarray(rows, dtype=np.int64)
-    order = np.lexsort((-np.asarray(weights, dtype=np.float64), rows))
-    rows, cols = rows[order], np.asarray(cols, dtype=np.int64)[order]
-    costs = -np.asarray(weights, dtype=np.float64)[order]
-    starts = np.searchsorted(rows, np.arange(num_rows + 1)).tolist()
-    adj_cols, adj_costs = cols.tolist(), costs.tolist()
-    # potentials: u (rows), v (columns; column num_cols + i is row i's private column, cost 0). Lists indexed by
-    # column rather than dicts, and dist / settled reset after each search: the same arithmetic, ~2x faster.
-    u = [min(0.0, adj_costs[starts[i]]) if starts[i] < starts[i + 1] else 0.0 for i in range(num_rows)]
-    size = num_cols + num_rows
-    v = [0.0] * size
-    dist = [math.inf] * size
-    settled = [False] * size
-    row_of_col = [-1] * size
-    col_of_row = [-1] * num_rows
-    heappush, heappop = heapq.heappush, heapq.heappop
-    for s in range(num_rows):
-        if starts[s] == starts[s + 1]:
-            continue  # no positive edge: it takes a free column at the end
-        via: dict[int, int] = {}  # column -> row it was reached from
-        done_rows = {s: 0.0}
-        done_cols: dict[int, float] = {}  # settled column -> its distance
-        heap: list[tuple[float, int]] = []
-
-        def relax(i: int, base: float) -> None:
-            ui = u[i]
-            lo, hi = starts[i], starts[i + 1]
-            for j, cost in zip(adj_cols[lo:hi], adj_costs[lo:hi]):
-                if settled[j]:  # settled: float noise must not re-open it (a cycle in `via` never ends)
-                    continue
-                d = base + cost - ui - v[j]
-                if d < dist[j]:
-                    dist[j], via[j] = d, i
-                    heappush(heap, (d, j))
-            j = num_cols + i  # the row's private column
-            if settled[j]:
-                return
-            d = base - ui - v[j]
-            if d < dist[j]:
-                dist[j], via[j] = d, i
-                heappush(heap, (d, j))
-
-        relax(s, 0.0)
-        while True:
-            d, j = heappop(heap)
-            if d > dist[j] or settled[j]:
-                continue
-            done_cols[j] = d
-            settled[j] = True
-            i = row_of_col[j]
-            if i < 0:
-                break
-            done_rows[i] = d
-            relax(i, d)
-        # potentials of the nodes settled before the free column j (reduced costs stay >= 0, the path tight)
-        for c, dc in done_cols.items():
-            v[c] -= d - dc
-            settled[c] = False
-        for i, di in done_rows.items():
-            u[i] += d - di
-        for c in via:
-            dist[c] = math.inf
-        while True:  # flip the path back to s
-            i = via[j]
-            prev = col_of_row[i]
-            row_of_col[j], col_of_row[i] = i, j
-            if i == s:
-                break
-            j = prev
+    weights = np.asarray(weights, dtype=np.float64)
+    positive = weights > 0
     perm = np.full(num_rows, -1, dtype=np.int64)
     used = np.zeros(num_cols, dtype=bool)
-    for i, j in enumerate(col_of_row):
-        if 0 <= j < num_cols:
-            perm[i], used[j] = j, True
+    if positive.any():
+        own = np.arange(num_rows)
+        graph = coo_array((np.concatenate([weights[positive], np.zeros(num_rows)]),
+                           (np.concatenate([np.asarray(rows)[positive], own]),
+                            np.concatenate([np.asarray(cols)[positive], num_cols + own]))),
+                          shape=(num_rows, num_cols + num_rows)).tocsr()   # sums an edge's entries
+        graph.data += graph.data[graph.data > 0].min() / 2
+        matched_rows, matched_cols = min_weight_full_bipartite_matching(graph, maximize=True)
+        real = matched_cols < num_cols
+        perm[matched_rows[real]] = matched_cols[real]
+        used[matched_cols[real]] = True
     missing = np.flatnonzero(perm < 0)
     own = missing[missing < num_cols]
     keep_own = own[~used[own]]

@@ -305,63 +305,6 @@ def _permutation(v, amount, total, adapter, previous_rows, num_replicas) -> np.n
     physical = columns.replicas[k]
     keep = physical < num_replicas   # old replicas beyond the new count are gone
     which, physical, p_old = which[keep], physical[keep], columns.probabilities[k][keep]
-    # weight[v, physical] as edges, each the sum of its pieces' terms in piece order (bincount adds sequentially)
-    edge, inverse = np.unique(v[which] * num_replicas + physical, return_inverse=True)
-    weight = np.bincount(inverse, weights=total[which] * np.minimum(amount[which] / total[which], p_old))
-    rows, cols, weight = _strongest_sparse_edges(edge // num_replicas, edge % num_replicas, weight, num_replicas,
-                                                 PERMUTATION_EDGES)
-    return sparse_max_weight_assignment(num_replicas, num_replicas, rows, cols, weight)
-
-
-PERMUTATION_EDGES = 64   # step 5 keeps each virtual replica's heaviest edges (and its own index) for the assignment
-
-
-def _strongest_edges(weight: np.ndarray, k: int) -> np.ndarray:
-    """weight with all but each row's k largest entries and its diagonal zeroed. The diagonal keeps the identity
-    available (step 3 already packs classes onto the replicas that served them), so the assignment on what is kept
-    is never worse than the identity; the heaviest edges are where traffic stays. Without this, at 4,096 replicas
-    the exact assignment over every edge took ~3/4 of a warm solve."""
-    n_rows, n_cols = weight.shape
-    if n_cols <= k + 1:
-        return weight
-    keep = np.argpartition(weight, n_cols - k, axis=1)[:, n_cols - k:]
-    pruned = np.zeros_like(weight)
-    rows = np.arange(n_rows)[:, None]
-    pruned[rows, keep] = weight[rows, keep]
-    diagonal = np.arange(min(n_rows, n_cols))
-    pruned[diagonal, diagonal] = weight[diagonal, diagonal]
-    return pruned
-
-
-def _strongest_sparse_edges(rows: np.ndarray, cols: np.ndarray, weight: np.ndarray, num_cols: int,
-                            k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The positive edges of _strongest_edges(dense, k), for the dense matrix [*, num_cols] that these edges (sorted
-    by row, then column) make: (rows, cols, weight). Only rows with more than k edges lose any: each keeps its k
-    heaviest and its diagonal; where the k-th and (k+1)-th heaviest tie, the dense row's argpartition decides, as in
-    _strongest_edges, so the same edges, ties included (a split hot adapter makes many equal edges; breaking those
-    ties otherwise, by column or by a hash, changed the churn at 1M by -0.3 to +0.4 points)."""
-    positive = weight > 0
-    rows, cols, weight = rows[positive], cols[positive], weight[positive]
-    if num_cols <= k + 1 or not len(rows):
-        return rows, cols, weight
-    starts = np.searchsorted(rows, np.arange(int(rows[-1]) + 2))
-    counts = np.diff(starts)
-    if not (counts > k).any():
-        return rows, cols, weight
-    keep = np.ones(len(rows), dtype=bool)
-    for r in np.flatnonzero(counts > k).tolist():
-        lo, hi = int(starts[r]), int(starts[r + 1])
-        row_weight = weight[lo:hi]
-        m = hi - lo
-        below, cut = np.partition(row_weight, (m - k - 1, m - k))[m - k - 1:m - k + 1]   # (k+1)-th and k-th heaviest
-        if below < cut:   # no tie at the cut: the k heaviest are those >= the k-th
-            keep[lo:hi] = (row_weight >= cut) | (cols[lo:hi] == r)
-            continue
-        dense = np.zeros(num_cols)   # a tie at the cut: the dense row's argpartition picks, as _strongest_edges
-        dense[cols[lo:hi]] = row_weight
-        kept = np.zeros(num_cols, dtype=bool)
-        kept[np.argpartition(dense, num_cols - k)[num_cols - k:]] = True
-        if r < num_cols:
-            kept[r] = True   # the diagonal
-        keep[lo:hi] = kept[cols[lo:hi]]
-    return rows[keep], cols[keep], weight[keep]
+    # weight[v, physical]: one entry per piece and old replica of its adapter; the assignment sums an edge's entries
+    weight = total[which] * np.minimum(amount[which] / total[which], p_old)
+    return sparse_max_weight_assignment(num_replicas, num_replicas, v[which], physical, weight)
