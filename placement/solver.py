@@ -4,7 +4,7 @@
 largest remainder, memory floors, the lowest balanced level); (3) fractional bin packing of each class onto its
 replicas at that level, what does not fit riding on the next class up (packing.py); (4) leftovers at rising levels:
 same class, higher classes, then anywhere, never above an operating point unless the demand exceeds every one;
-(5) permutation of replicas that keeps the most traffic where the previous table had it (Hungarian method);
+(5) permutation of replicas that keeps the most traffic where the previous table had it (exact, sparse LAPJV);
 (6) the RoutingTable. Capacities include crowding (bins.py) when the operating points were profiled for it.
 """
 
