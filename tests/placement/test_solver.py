@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -269,19 +267,22 @@ def test_assignment_is_optimal_against_brute_force(n, seed):
 
 
 @pytest.mark.parametrize("points", [POINTS, PROFILED], ids=["flat", "profiled"])
-def test_solver_speed_10k_adapters_256_replicas(points):
+def test_10k_adapters_256_replicas_and_a_re_solve_keeps_the_traffic_in_place(points):
+    """At a size where speed matters (its time is `lorafleet bench placement`'s business, not this test's): every
+    adapter placed, no replica overloaded, and solving the same demand again with the first table as the previous
+    one moves under 5% of the traffic (measured: 0.7% flat, 0% profiled; a broken step 5 moves most of it)."""
+    from lorafleet.placement import diff
+
     rng = np.random.default_rng(0)
     popularity = 1.0 / np.arange(1, 10_001) ** 1.1
     demand = popularity / popularity.sum() * 0.7 * 256 * 6000.0
     adapters = [AdapterLoad(f"a{i}", int(rng.choice(RANKS[3:])), float(d)) for i, d in enumerate(demand)]
-    start = time.perf_counter()
     first = solve(adapters, points, 256)
-    cold = time.perf_counter() - start
-    start = time.perf_counter()
-    solve(adapters, points, 256, previous=first.table)
-    warm = time.perf_counter() - start
-    print(f"solve 10k x 256: {cold:.3f} s cold, {warm:.3f} s with a previous table")
-    assert cold <= 2.0 and warm <= 2.0  # goal 1 s on the dev machine; slack for a loaded CI core
+    again = solve(adapters, points, 256, previous=first.table)
+    assert len(first.table) == len(again.table) == 10_000
+    assert not first.is_overloaded and not again.is_overloaded
+    change = diff(first.table, again.table, {a.adapter_id: a.tokens_per_s for a in adapters})
+    assert change.churn < 0.05, change.churn
 
 
 @settings(max_examples=300, deadline=None)
