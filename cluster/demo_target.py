@@ -100,9 +100,11 @@ def local_demo(root: Path, policy: str = "rank-aware", num_adapters: int = 20, *
 # (PEFT's "all-linear") of the `small` preset cut to 2 layers; with uniform popularity 10 of 12 adapters, 83 % of the
 # traffic, have rank <= 16. Rank classes: replica 0 runs class 16 (ranks 8 and 16), replica 1 class 64 (ranks 32 and
 # 64, and a small share of the low ranks). VLLM_FLEET_SHARE is the low ranks' weight on replica 0, from what a request
-# costs each (benchmarks/vllm_fleet_costs.py, RESULTS.md): a rank <= 16 request takes ~4.5x the CPU time at
-# max_lora_rank 64 as at 16, so balancing the two replicas' loads leaves ~2 % of the low ranks' traffic to replica 1
-# (0.8, the share before that was measured, sent 20 % there and made replica 1 the fleet's bottleneck).
+# costs each (benchmarks/vllm_fleet_costs.py, RESULTS.md): a rank <= 16 request of the benchmark's default 8 output
+# tokens takes 4.3x the CPU time at max_lora_rank 64 as at 16, so balancing the two replicas' loads leaves ~2.5 % of
+# the low ranks' traffic to replica 1 (0.8, the share before that was measured, sent 20 % there and made replica 1
+# the fleet's bottleneck). Longer outputs shift the costs toward rank-independent per-step work and want a lower
+# share (RESULTS.md, run F).
 VLLM_FLEET_RANKS = (8, 8, 8, 8, 8, 8, 8, 16, 16, 16, 32, 64)
 VLLM_FLEET_MODULES = ALL_LINEAR
 VLLM_FLEET_CLASSES = (16, 64)
