@@ -6,19 +6,6 @@ from __future__ import annotations
 import numpy as np
 
 
-def max_weight_assignment(weight: np.ndarray) -> np.ndarray:
-    """perm [n_rows] int64 with perm[row] = column (distinct), maximising Σ_row weight[row, perm[row]].
-
-    weight: [n_rows, n_cols] float64 >= 0 with n_rows <= n_cols. Only the non-zero entries are edges
-    (`sparse_max_weight_assignment`), so a nearly diagonal matrix of 4096 replicas takes milliseconds.
-    """
-    weight = np.asarray(weight, dtype=np.float64)
-    num_rows, num_cols = weight.shape
-    assert num_rows <= num_cols, "need n_rows <= n_cols"
-    rows, cols = np.nonzero(weight > 0)
-    return sparse_max_weight_assignment(num_rows, num_cols, rows, cols, weight[rows, cols])
-
-
 def sparse_max_weight_assignment(num_rows: int, num_cols: int, rows: np.ndarray, cols: np.ndarray,
                                  weights: np.ndarray) -> np.ndarray:
     """perm [num_rows] int64, distinct columns, maximising Σ weight over the listed edges (row, col, weight > 0;

@@ -200,7 +200,6 @@ def pack_class(bins, pool: Pool, members, cls, level, items: Items, min_share, p
     """Pieces of one class's pool onto `members` (replicas of class `cls`), each up to `level` x its capacity:
     cold pieces spread by memory (spread_cold), then fractional LPT of the rest (hottest first, split where they
     do not fit whole), an adapter's previous replicas first (less churn); returns the pieces that did not fit."""
-    size = items
     if members:
         is_cold = items.demand[pool.adapter] < COLD_SHARE * level * bins.cap_of_class[cls]
         leftovers = spread_cold(bins, pool.take(np.flatnonzero(is_cold)), members, cls, level, items, previous,
@@ -218,7 +217,7 @@ def pack_class(bins, pool: Pool, members, cls, level, items: Items, min_share, p
         heapq.heappush(heap, (-room[v], v))
 
     for item, total, piece_cls in pieces:
-        remaining, last, nbytes = total, None, size[item.adapter_id]
+        remaining, last, nbytes = total, None, items[item.adapter_id]
         min_piece, tol = min_share * item.tokens_per_s, EPS * item.tokens_per_s
         old = previous.get(item.adapter_id, ())
         for v, p_old in sorted(old, key=lambda e: -e[1]):  # sticky: stay where it was if there is room

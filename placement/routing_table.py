@@ -58,18 +58,19 @@ class TableColumns:
     probabilities: np.ndarray  # [P] float64
     row: dict[str, int] = field(default_factory=dict, repr=False)  # adapter_id -> k, built on first use
 
-    def rows_of(self, adapter_ids: list[str]) -> np.ndarray:
-        """int64 [len(adapter_ids)]: each id's row, -1 where the table has no entry for it."""
+    def _rows(self) -> dict[str, int]:
         if not self.row and self.adapter_ids:
             self.row.update(zip(self.adapter_ids, range(len(self.adapter_ids)), strict=True))
-        get = self.row.get
+        return self.row
+
+    def rows_of(self, adapter_ids: list[str]) -> np.ndarray:
+        """int64 [len(adapter_ids)]: each id's row, -1 where the table has no entry for it."""
+        get = self._rows().get
         return np.fromiter((get(a, -1) for a in adapter_ids), dtype=np.int64, count=len(adapter_ids))
 
     def row_of(self, adapter_id: str) -> int:
         """adapter_id's row, -1 where the table has no entry for it."""
-        if not self.row and self.adapter_ids:
-            self.row.update(zip(self.adapter_ids, range(len(self.adapter_ids)), strict=True))
-        return self.row.get(adapter_id, -1)
+        return self._rows().get(adapter_id, -1)
 
     def entry(self, row: int) -> Entry:
         lo, hi = int(self.offsets[row]), int(self.offsets[row + 1])

@@ -136,15 +136,14 @@ def solve(
     table_ids = sorted_ids if in_table.all() else [x for x, keep in zip(sorted_ids, in_table.tolist(), strict=True)
                                                    if keep]
     by_id = by_id[in_table]   # input positions of the table's rows
+    row_of = np.full(len(adapters), -1, dtype=np.int64)   # each input position's row in the new table, -1: none
+    row_of[by_id] = np.arange(len(by_id))
     previous_rows = None   # (the previous table's columns, each input position's row there or -1)
     old_entries = {}
     if previous is not None and previous.entries:
         columns = previous.columns()
-        if columns.adapter_ids == table_ids:   # the same adapters (a list compare, no lookups): row = table row
-            rows = np.full(len(adapters), -1, dtype=np.int64)
-            rows[by_id] = np.arange(len(by_id))
-        else:
-            rows = columns.rows_of(ids)
+        # the same adapters (a list compare, no lookups): a row there is the row here
+        rows = row_of if columns.adapter_ids == table_ids else columns.rows_of(ids)
         previous_rows = (columns, rows)
         old_entries = PreviousEntries(items.position, columns, rows)
     members = _class_members(budget, by_class, demand, previous_rows, num_replicas)
@@ -180,8 +179,6 @@ def solve(
 
     # Step 5: physical replica for each virtual one, keeping the most traffic where it was.
     piece_pos, piece_v, piece_amount = bins.placed()
-    row_of = np.full(len(adapters), -1, dtype=np.int64)
-    row_of[by_id] = np.arange(len(by_id))
     piece_row = row_of[piece_pos]
     piece_total = _adapter_totals(piece_row, piece_v, piece_amount)
     perm = _permutation(piece_v, piece_amount, piece_total, piece_pos, previous_rows, num_replicas)

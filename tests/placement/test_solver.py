@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from lorafleet.infra.errors import InvalidPlacement, PlacementInfeasible
 from lorafleet.placement import AdapterLoad, OperatingPoints, RoutingTable, diff, solve
-from lorafleet.placement.assignment import max_weight_assignment
+from lorafleet.placement.assignment import sparse_max_weight_assignment
 from lorafleet.placement.bins import interp
 from lorafleet.placement.budgets import MEMORY_FILL, balanced_level, class_budgets, largest_remainder
 
@@ -260,7 +260,8 @@ def test_assignment_is_optimal_against_brute_force(n, seed):
     import itertools
 
     weight = np.random.default_rng(seed).random((n, n)).round(2)
-    perm = max_weight_assignment(weight)
+    rows, cols = np.nonzero(weight > 0)
+    perm = sparse_max_weight_assignment(n, n, rows, cols, weight[rows, cols])
     best = max(sum(weight[i, p[i]] for i in range(n)) for p in itertools.permutations(range(n)))
     assert sorted(perm.tolist()) == list(range(n))
     assert sum(weight[i, perm[i]] for i in range(n)) == pytest.approx(best)
@@ -344,8 +345,6 @@ def test_sparse_assignment_is_optimal_against_scipys_dense_solver(seed, n, extra
     """Step 5's assignment over an edge list (unlisted pairs weigh 0, more columns than rows allowed, ties as a
     split hot adapter makes them) keeps as much weight as the dense Hungarian method (linear_sum_assignment)."""
     from scipy.optimize import linear_sum_assignment
-
-    from lorafleet.placement.assignment import sparse_max_weight_assignment
 
     rng = np.random.default_rng(seed)
     weight = rng.exponential(1.0, (n, n + extra)) * (rng.random((n, n + extra)) < density)
