@@ -27,18 +27,17 @@ from lorafleet.benchmarks.vllm_engine import DEFAULT_PYTHON, RemoteVllmRunner  #
 from lorafleet.cluster.demo_target import VLLM_FLEET_CLASSES, prepare_vllm_fleet  # noqa: E402
 
 
-def fleet_model(costs: dict[str, float], low_fraction: float) -> dict[str, float]:
-    """Load balance of the two fleets from seconds per request: low ranks at the low class (`low@16`) and at 64
-    (`low@64`), high ranks at 64 (`high@64`); `low_fraction` of the requests have a low rank.
+def fleet_model(low: float, low_at_64: float, high_at_64: float, low_fraction: float) -> dict[str, float]:
+    """Load balance of the two fleets from seconds per request: low ranks at the low class (`low`) and at 64, high
+    ranks at 64; `low_fraction` of the requests have a low rank.
 
     Rank classes: replica 1 (class 64) takes every high-rank request and a fraction x of all requests from the low
-    ranks; replica 0 (class 16) the rest. x balances the two (x = 0 when replica 1 is the busier even so). Capacity
-    = requests per second at which the busier replica is fully used. Plain fleet: both at 64, balanced."""
-    c16, c64, h64 = costs["low@16"], costs["low@64"], costs["high@64"]
+    ranks; replica 0 (the low class) the rest. x balances the two (x = 0 when replica 1 is the busier even so).
+    Capacity = requests per second at which the busier replica is fully used. Plain fleet: both at 64, balanced."""
     p_low, p_high = low_fraction, 1.0 - low_fraction
-    x = max(0.0, min(p_low, (p_low * c16 - p_high * h64) / (c16 + c64)))
-    classes = 1.0 / max((p_low - x) * c16, p_high * h64 + x * c64)
-    plain = 2.0 / (p_low * c64 + p_high * h64)
+    x = max(0.0, min(p_low, (p_low * low - p_high * high_at_64) / (low + low_at_64)))
+    classes = 1.0 / max((p_low - x) * low, p_high * high_at_64 + x * low_at_64)
+    plain = 2.0 / (p_low * low_at_64 + p_high * high_at_64)
     return {"low_share_on_class_replica": (p_low - x) / p_low if p_low else 0.0,
             "classes_req_per_s": classes, "plain_req_per_s": plain, "ratio": classes / plain}
 
@@ -74,8 +73,7 @@ def main(argv: list[str]) -> int:
         for runner in runners.values():
             runner.close()
     costs = {name: statistics.median(s) for name, s in samples.items()}
-    model = fleet_model({"low@16": costs[f"low@{low_class}"], "low@64": costs["low@64"],
-                         "high@64": costs["high@64"]}, len(low) / len(adapters))
+    model = fleet_model(costs[f"low@{low_class}"], costs["low@64"], costs["high@64"], len(low) / len(adapters))
     result = {"model_dir": str(model_dir), "adapter_ranks": ranks, "requests": args.requests, "output_tokens": 8,
               "prompt_tokens": 30, "max_num_seqs": 8, "threads": 1, "cpu_s_per_request": costs,
               "samples": samples, "fleet": model}
